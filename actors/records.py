@@ -1,0 +1,104 @@
+"""Typed records that cross role boundaries (generator -> controller -> learner, learner -> generator).
+
+Every rollout and every weight snapshot carries the `policy_version` that produced it; the controller
+uses it to bound staleness (DESIGN.md section 1). Tensors are CPU tensors when they cross a boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class Rollouts:
+    """N samples from one generator call: G groups of samples of the same prompt."""
+
+    policy_version: int
+    precision: str
+    """Weight format of the copy that sampled them: bf16, fp8, nvfp4, w4a16."""
+    steps: int
+    prompts: list[str]  # [N]
+    group_ids: torch.Tensor  # int64 [N]; samples of one prompt share a group id
+    seeds: torch.Tensor  # int64 [N]; the seed fixes the initial noise (and SDE noise)
+    text: torch.Tensor  # float32 [N, L, Dc] prompt embeddings
+    text_mask: torch.Tensor  # bool [N, L]
+    latents: torch.Tensor  # float32 [N, C, h, w] final (clean) latents x0
+    images: np.ndarray  # uint8 [N, H, W, 3] decoded
+    # GRPO only: the SDE trajectory the sampler took.
+    trajectory: torch.Tensor | None = None  # float32 [N, S+1, C, h, w] latents x_0..x_S (x_0 = noise)
+    sigmas: torch.Tensor | None = None  # float32 [S+1] from 1 to 0
+    log_probs: torch.Tensor | None = None  # float32 [N, S] log p(x_{i+1} | x_i) of the rollout policy
+    sde_mask: torch.Tensor | None = None  # bool [S] steps that were SDE (trainable) steps
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(kw_only=True, slots=True)
+class Rewards:
+    """Combined rewards for N rollouts; `ok` False marks items that must not be trained on."""
+
+    total: torch.Tensor  # float32 [N] weighted, normalised combination
+    per_scorer: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 [N] raw primary score
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # "scorer/sub" -> float32 [N]
+    ok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # bool [N]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainBatch:
+    """What the learner trains on; which fields are set depends on `kind`."""
+
+    kind: Literal["nft", "grpo", "dpo", "fm"]
+    policy_version: int
+    """Version of the policy that produced the rollouts (fm: -1, data from a dataset)."""
+    x0: torch.Tensor  # float32 [B, C, h, w] clean latents (dpo: the preferred sample)
+    text: torch.Tensor  # float32 [B, L, Dc]
+    text_mask: torch.Tensor  # bool [B, L]
+    advantages: torch.Tensor | None = None  # float32 [B] (nft, grpo)
+    x0_rejected: torch.Tensor | None = None  # float32 [B, C, h, w] (dpo)
+    trajectory: torch.Tensor | None = None  # float32 [B, S+1, C, h, w] (grpo)
+    sigmas: torch.Tensor | None = None  # float32 [S+1] (grpo)
+    log_probs: torch.Tensor | None = None  # float32 [B, S] rollout log-probs (grpo)
+    train_steps: torch.Tensor | None = None  # int64 [T] step indices to train on (grpo)
+    seed: int = 0
+    """Seeds the learner's noise (sigma, epsilon) for this batch, so reruns are exact."""
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def shard(self, rank: int, world: int) -> TrainBatch:
+        """The rank's contiguous slice; every rank gets the same count (B divisible by world)."""
+        b = len(self)
+        if b % world:
+            raise ValueError(f"batch of {b} does not split over {world} ranks")
+        lo, hi = rank * b // world, (rank + 1) * b // world
+
+        def cut(t: Any) -> Any:
+            return t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b else t
+
+        return TrainBatch(
+            kind=self.kind,
+            policy_version=self.policy_version,
+            x0=cut(self.x0),
+            text=cut(self.text),
+            text_mask=cut(self.text_mask),
+            advantages=cut(self.advantages),
+            x0_rejected=cut(self.x0_rejected),
+            trajectory=cut(self.trajectory),
+            sigmas=self.sigmas,
+            log_probs=cut(self.log_probs),
+            train_steps=self.train_steps,
+            seed=self.seed * 1000 + rank,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class WeightSnapshot:
+    """Full (unsharded) policy weights at one version, as the generator loads them."""
+
+    policy_version: int
+    state: dict[str, torch.Tensor]  # name -> CPU tensor, SanaDiT state-dict names
