@@ -37,6 +37,58 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def select(self, idx: torch.Tensor) -> Rollouts:
+        """The rollouts at `idx` (int64 [M]), in that order."""
+        pick = idx.tolist()
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return Rollouts(
+            policy_version=self.policy_version,
+            precision=self.precision,
+            steps=self.steps,
+            prompts=[self.prompts[i] for i in pick],
+            group_ids=self.group_ids[idx],
+            seeds=self.seeds[idx],
+            text=self.text[idx],
+            text_mask=self.text_mask[idx],
+            latents=self.latents[idx],
+            images=self.images[pick],
+            trajectory=take(self.trajectory),
+            sigmas=self.sigmas,
+            log_probs=take(self.log_probs),
+            sde_mask=self.sde_mask,
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        """Join rollouts of one policy version (e.g. from several generator replicas)."""
+        versions = {p.policy_version for p in parts}
+        if len(versions) != 1:
+            raise ValueError(f"cannot mix policy versions {sorted(versions)} in one batch")
+        first = parts[0]
+
+        def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+        return Rollouts(
+            policy_version=first.policy_version,
+            precision=first.precision,
+            steps=first.steps,
+            prompts=[p for part in parts for p in part.prompts],
+            group_ids=torch.cat([p.group_ids for p in parts]),
+            seeds=torch.cat([p.seeds for p in parts]),
+            text=torch.cat([p.text for p in parts]),
+            text_mask=torch.cat([p.text_mask for p in parts]),
+            latents=torch.cat([p.latents for p in parts]),
+            images=np.concatenate([p.images for p in parts]),
+            trajectory=cat([p.trajectory for p in parts]),
+            sigmas=first.sigmas,
+            log_probs=cat([p.log_probs for p in parts]),
+            sde_mask=first.sde_mask,
+        )
+
 
 @dataclass(kw_only=True, slots=True)
 class Rewards:
@@ -46,6 +98,14 @@ class Rewards:
     per_scorer: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 [N] raw primary score
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # "scorer/sub" -> float32 [N]
     ok: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # bool [N]
+
+    def select(self, idx: torch.Tensor) -> Rewards:
+        return Rewards(
+            total=self.total[idx],
+            per_scorer={k: v[idx] for k, v in self.per_scorer.items()},
+            extras={k: v[idx] for k, v in self.extras.items()},
+            ok=self.ok[idx],
+        )
 
 
 @dataclass(kw_only=True, slots=True)
