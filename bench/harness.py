@@ -83,7 +83,14 @@ def _timing(times: list[float]) -> Timing:
 
 
 def speed_row(
-    suite: str, case: str, ours: Timing, base: Timing, *, baseline_name: str, target: float | None, unit: str = "ms"
+    suite: str,
+    case: str,
+    ours: Timing,
+    base: Timing,
+    *,
+    baseline_name: str,
+    target: float | None,
+    unit: str = "ms",
 ) -> Row:
     """A latency comparison as a Row: ratio = baseline time / our time (> 1: we are faster)."""
     scale = 1e3 if unit == "ms" else 1.0

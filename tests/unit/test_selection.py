@@ -38,7 +38,9 @@ def test_random_selection_is_seeded() -> None:
 def test_mean_deviation_prefers_outliers() -> None:
     r = torch.tensor([0.5, 0.51, 0.49, 0.0, 1.0, 0.52])
     g = torch.zeros(6, dtype=torch.int64)
-    idx = select_seeds(r, g, torch.ones(6, dtype=torch.bool), keep=2, how="mean_deviation", generator=torch.Generator())
+    idx = select_seeds(
+        r, g, torch.ones(6, dtype=torch.bool), keep=2, how="mean_deviation", generator=torch.Generator()
+    )
     assert sorted(idx.tolist()) == [3, 4]
 
 
