@@ -45,7 +45,9 @@ class NFTConfig:
     decay_max: float = field(default=0.5, metadata={"ge": 0.0, "lt": 1.0})
     """... up to this cap: decay = min(decay_rate·step, decay_max)."""
     shift: float = field(default=3.0, metadata={"gt": 0.0})
-    """Timestep shift for σ drawn when a batch carries no sampler schedule (sigmas)."""
+    """σ is drawn as the sampler's shifted schedule: s·u / (1 + (s-1)·u), u ~ U(0, 1)."""
+    num_sigmas: int = field(default=1, metadata={"ge": 1})
+    """σ draws per sample per step, each its own forward/backward (Sol-RL trains every sampler step)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,6 +66,8 @@ class GRPOConfig:
     """Truncated importance weight between the rollout policy (possibly quantized) and the BF16 old policy."""
     is_cap: float = field(default=2.0, metadata={"ge": 1.0})
     """Cap on that importance weight."""
+    train_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0})
+    """Fraction of the SDE steps of each trajectory trained on (drawn at random per batch)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,23 +89,21 @@ class FMConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """The recipe's `loss:` section: which objective the learner runs, and each objective's knobs."""
+    """The recipe's `loss:` section; the run's mode picks the objective, each objective has its section."""
 
-    kind: Literal["nft", "grpo", "dpo", "fm"] = "nft"
-    """Objective; decides which extra policies (old, reference) the learner keeps."""
+    adv_std: Literal["group", "global"] = "global"
+    """Advantage normaliser: per-group std, or the batch std with per-group means (Sol-RL: global)."""
     nft: NFTConfig = field(default_factory=NFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     fm: FMConfig = field(default_factory=FMConfig)
 
-    def needs_old(self) -> bool:
-        return self.kind in ("nft", "grpo")
-
-    def needs_ref(self) -> bool:
+    def uses_reference(self, kind: str) -> bool:
+        """Whether objective `kind` needs the reference policy (a KL term or DPO's implicit reward)."""
         return (
-            self.kind == "dpo"
-            or (self.kind == "nft" and self.nft.kl_weight > 0)
-            or (self.kind == "grpo" and self.grpo.kl_beta > 0)
+            kind == "dpo"
+            or (kind == "nft" and self.nft.kl_weight > 0)
+            or (kind == "grpo" and self.grpo.kl_beta > 0)
         )
 
 

@@ -190,13 +190,13 @@ def test_logit_normal_sigmas() -> None:
 
 
 def test_loss_config_from_recipe_values() -> None:
-    cfg = from_dict(LossConfig, {"kind": "grpo", "grpo": {"clip_eps": 0.2, "kl_beta": 0.0}}, "loss")
-    assert cfg.grpo.clip_eps == 0.2 and cfg.needs_old() and not cfg.needs_ref()
-    assert from_dict(LossConfig, {"kind": "dpo"}).needs_ref()
-    assert from_dict(LossConfig, {"kind": "fm"}).needs_old() is False
+    cfg = from_dict(LossConfig, {"adv_std": "group", "grpo": {"clip_eps": 0.2, "kl_beta": 0.0}}, "loss")
+    assert cfg.grpo.clip_eps == 0.2 and cfg.adv_std == "group"
+    assert not cfg.uses_reference("grpo") and cfg.uses_reference("dpo") and cfg.uses_reference("nft")
+    assert not cfg.uses_reference("fm")
     with pytest.raises(ConfigError, match=r"loss\.nft\.beta"):
         from_dict(LossConfig, {"nft": {"beta": 0.0}}, "loss")
     with pytest.raises(ConfigError, match=r"loss\.dpo\.sigma\.std"):
         from_dict(LossConfig, {"dpo": {"sigma": {"std": -1.0}}}, "loss")
-    with pytest.raises(ConfigError, match=r"loss\.kind"):
-        from_dict(LossConfig, {"kind": "ppo"}, "loss")
+    with pytest.raises(ConfigError, match=r"loss\.adv_std"):
+        from_dict(LossConfig, {"adv_std": "batch"}, "loss")
