@@ -23,6 +23,7 @@ from orchestrator.shapes_world import (
     prompt_set,
     write_parquet,
     write_prompts,
+    write_world,
 )
 
 
@@ -139,3 +140,16 @@ def test_write_prompts(tmp_path: Path) -> None:
     prompts = prompt_set(5, seed=0)
     table = pq.read_table(write_prompts(tmp_path / "p" / "prompts.parquet", prompts))
     assert table.column("prompt").to_pylist() == prompts
+
+
+def test_write_world_and_the_shipped_prompt_files(tmp_path: Path) -> None:
+    files = write_world(tmp_path, n=50, seed=0, size=32, n_eval=10)
+    rl = pq.read_table(files.rl_prompts).column("prompt").to_pylist()
+    evals = pq.read_table(files.eval_prompts).column("prompt").to_pylist()
+    assert evals == rl[:10] and len(set(rl)) == len(compositions("heldout"))
+    assert pq.read_table(files.train).num_rows == 50
+    # recipes/data ships the seed-0 prompt files; they must stay what the generator makes.
+    shipped = Path(__file__).resolve().parents[2] / "recipes" / "data"
+    assert pq.read_table(shipped / "shapes_rl_prompts.parquet").column("prompt").to_pylist() == rl
+    shipped_eval = pq.read_table(shipped / "shapes_eval_prompts.parquet").column("prompt").to_pylist()
+    assert shipped_eval == rl[: len(shipped_eval)]
