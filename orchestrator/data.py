@@ -143,6 +143,11 @@ class _Source(Generic[T]):
         self._window_perm = np.zeros(0, np.int64)
         self._reader: tuple[_RowGroup, int, Iterator[pa.Table]] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray ships sources to actors by pickling: drop the open reader and the cached window, which
+        # are rebuilt from (epoch, position) on the next read.
+        return {**self.__dict__, "_reader": None, "_window": None, "_window_key": None}
+
     def __len__(self) -> int:
         """Rows this rank sees per epoch (bad and filtered rows included)."""
         return len(range(self.rank, self.total, self.world))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,14 @@ def test_resume_continues_at_the_exact_next_record(prompt_dir: Path) -> None:
         resumed = source()
         resumed.load_state(saved)
         assert head + resumed.next_batch(200 - cut).prompts == reference, cut
+
+
+def test_a_pickled_source_continues_where_it_was(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "train.parquet", 40, seed=1, size=32, row_group_rows=16)
+    source = ImageCaptionSource(path, size=32, seed=2, window_rows=8)
+    source.next_batch(5)
+    copy = pickle.loads(pickle.dumps(source))  # what Ray does when it ships a source to an actor
+    assert copy.next_batch(30).captions == source.next_batch(30).captions
 
 
 def test_resume_refuses_a_different_layout(prompt_dir: Path) -> None:
