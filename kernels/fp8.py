@@ -1,0 +1,98 @@
+"""FP8 E4M3 (W8A8) reference and GEMM: per-tensor or per-row scales, `torch._scaled_mm` where it exists.
+
+`x ≈ e4m3(x / s) · s` with `s = amax / 448` over the whole tensor or over each row. A weight [out, in]
+uses per-row (per output channel) scales by default; activations [tokens, in] are quantized on the fly,
+per token (row) or per tensor. The GEMM is `(x_q @ w_q^T) · s_x · s_w` with fp32 accumulation: on a GPU
+with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell) that is `torch._scaled_mm`;
+elsewhere `linear_emulated` evaluates the same formula in fp32.
+
+    w8 = quantize(torch.randn(64, 128), per_row=True)
+    y = linear_emulated(torch.randn(4, 128), w8, None)  # float32 [4, 64]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+E4M3_MAX = 448.0
+
+
+@dataclass(kw_only=True, slots=True)
+class FP8Tensor:
+    """A matrix in FP8 E4M3 with its dequantization scales."""
+
+    data: torch.Tensor  # float8_e4m3fn [rows, cols]
+    scale: torch.Tensor  # float32 [rows, 1] (per row) or [] (per tensor)
+
+    @property
+    def per_row(self) -> bool:
+        return self.scale.dim() == 2
+
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scale.numel() * self.scale.element_size()
+
+
+def quantize(x: torch.Tensor, *, per_row: bool = True, out: FP8Tensor | None = None) -> FP8Tensor:
+    """Quantize a [rows, cols] matrix to E4M3 (round-to-nearest-even, saturating at ±448).
+
+    A zero row (or tensor) gets scale 1. With `out`, results are copied into its tensors (re-quantization
+    without new storage).
+    """
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"fp8 input: expected a floating 2-D matrix, got {x.dtype} {tuple(x.shape)}")
+    x32 = x.float()
+    amax = x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("fp8 input: contains inf or NaN; refusing to quantize")
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # float32 [rows, 1] or []
+    data = (x32 / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    if out is None:
+        return FP8Tensor(data=data, scale=scale)
+    if out.data.shape != data.shape or out.scale.shape != scale.shape:
+        raise ValueError(
+            f"fp8 quantize: out has {tuple(out.data.shape)}/{tuple(out.scale.shape)}, "
+            f"input gives {tuple(data.shape)}/{tuple(scale.shape)}"
+        )
+    out.data.copy_(data)
+    out.scale.copy_(scale)
+    return out
+
+
+def dequantize(t: FP8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (t.data.float() * t.scale).to(dtype)
+
+
+def linear_emulated(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w^T + b` with W8A8 numerics on any device: the formula `torch._scaled_mm` computes, in fp32.
+
+    Activations take the weight's granularity: per token with a per-row weight, else per tensor.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    xq = quantize(x2, per_row=w.per_row)
+    acc = xq.data.float() @ w.data.float().t()  # float32 [tokens, out]
+    y = acc * xq.scale * w.scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w^T + b` on FP8 tensor cores via `torch._scaled_mm` (CUDA, compute capability >= 8.9).
+
+    cuBLAS wants the second operand column-major, which `w.data.t()` of a row-major weight already is.
+    Row-wise scales need a bf16 output; the bias is added afterwards in the same precision.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    xq = quantize(x2, per_row=w.per_row)
+    y = torch._scaled_mm(
+        xq.data,
+        w.data.t(),
+        scale_a=xq.scale,
+        scale_b=w.scale.reshape(1, -1) if w.per_row else w.scale,
+        out_dtype=torch.bfloat16,
+    )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
