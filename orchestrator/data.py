@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -443,21 +442,13 @@ class DataConfig:
     """Rows read at a time; the shuffle mixes rows within a window, memory holds one window."""
 
     def resolve(self, base_dir: str | Path) -> DataConfig:
-        """A copy whose relative paths are taken relative to `base_dir` (the recipe's folder)."""
-
-        def fix(value: str | None) -> str | None:
-            if value is None:
-                return None
-            path = Path(value).expanduser()
-            return str(path if path.is_absolute() else Path(base_dir) / path)
-
-        return dataclasses.replace(
-            self,
-            prompts=fix(self.prompts),
-            dataset=fix(self.dataset),
-            preferences=fix(self.preferences),
-            eval_prompts=fix(self.eval_prompts),
-        )
+        """Take relative paths relative to `base_dir` (the recipe's folder), in place; returns self."""
+        for name in ("prompts", "dataset", "preferences", "eval_prompts"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value).expanduser()
+                setattr(self, name, str(path if path.is_absolute() else Path(base_dir) / path))
+        return self
 
     def _path(self, name: str) -> str:
         value = getattr(self, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -54,9 +55,9 @@ def test_mismatched_prompts_score_lower(scorer: RewardModel) -> None:
     _, images, captions = _batch(60, seed=12)
     colours, shapes = list(COLOURS), list(SHAPES)
     swaps = {
-        "colour": lambda g: g._replace(colour=colours[(colours.index(g.colour) + 1) % len(colours)]),
-        "shape": lambda g: g._replace(shape=shapes[(shapes.index(g.shape) + 1) % len(shapes)]),
-        "count": lambda g: g._replace(count=g.count + 1 if g.count < 3 else 1),
+        "colour": lambda g: replace(g, colour=colours[(colours.index(g.colour) + 1) % len(colours)]),
+        "shape": lambda g: replace(g, shape=shapes[(shapes.index(g.shape) + 1) % len(shapes)]),
+        "count": lambda g: replace(g, count=g.count + 1 if g.count < 3 else 1),
     }
     right = scorer.score(images, captions)
     for name, swap in swaps.items():

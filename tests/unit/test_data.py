@@ -211,8 +211,9 @@ def test_data_config_resolves_paths_and_builds_sources(tmp_path: Path) -> None:
     _prompts(recipe_dir / "data" / "p.parquet", ["x", "y", "z"])
     config = from_dict(
         DataConfig, {"prompts": "data/p.parquet", "eval_prompts": "data/p.parquet", "seed": 4}, "data"
-    ).resolve(recipe_dir)
-    assert config.prompts == str(recipe_dir / "data" / "p.parquet")
+    )
+    config.resolve(recipe_dir)  # in place, as load_recipe calls it
+    assert config.prompts == str(recipe_dir / "data" / "p.parquet") and config.dataset is None
     assert config.resolve("/elsewhere").prompts == config.prompts  # absolute paths stay
     assert config.read_eval_prompts() == ["x", "y", "z"]
     source = config.prompt_source(rank=1, world=2)
