@@ -441,10 +441,13 @@ class DataConfig:
     window_rows: int = field(default=1024, metadata={"ge": 1})
     """Rows read at a time; the shuffle mixes rows within a window, memory holds one window."""
 
+    def paths(self) -> dict[str, str | None]:
+        """The file fields by name: prompts, dataset, preferences, eval_prompts."""
+        return {name: getattr(self, name) for name in ("prompts", "dataset", "preferences", "eval_prompts")}
+
     def resolve(self, base_dir: str | Path) -> DataConfig:
         """Take relative paths relative to `base_dir` (the recipe's folder), in place; returns self."""
-        for name in ("prompts", "dataset", "preferences", "eval_prompts"):
-            value = getattr(self, name)
+        for name, value in self.paths().items():
             if value is not None:
                 path = Path(value).expanduser()
                 setattr(self, name, str(path if path.is_absolute() else Path(base_dir) / path))

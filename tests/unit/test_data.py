@@ -215,6 +215,12 @@ def test_data_config_resolves_paths_and_builds_sources(tmp_path: Path) -> None:
     config.resolve(recipe_dir)  # in place, as load_recipe calls it
     assert config.prompts == str(recipe_dir / "data" / "p.parquet") and config.dataset is None
     assert config.resolve("/elsewhere").prompts == config.prompts  # absolute paths stay
+    assert config.paths() == {
+        "prompts": config.prompts,
+        "dataset": None,
+        "preferences": None,
+        "eval_prompts": config.eval_prompts,
+    }
     assert config.read_eval_prompts() == ["x", "y", "z"]
     source = config.prompt_source(rank=1, world=2)
     assert source.seed == 4 and len(source) == 1
