@@ -100,7 +100,8 @@ class ScoringCore:
     def __init__(self, model: RewardModel, *, max_batch: int, max_wait_s: float, queue_size: int) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError(
-                f"need max_batch >= 1, queue_size >= 1, max_wait_s >= 0; got {max_batch}, {queue_size}, {max_wait_s}"
+                "need max_batch >= 1, queue_size >= 1, max_wait_s >= 0; "
+                f"got {max_batch}, {queue_size}, {max_wait_s}"
             )
         self.model = model
         info = model.info()
@@ -156,6 +157,10 @@ class ScoringCore:
                     if job in self._queue:
                         self._queue.remove(job)
         return results[0] if len(results) == 1 else _concat(results)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
 
     def stop_accepting(self) -> None:
         """New requests get ShuttingDown from now on; queued ones are still scored."""

@@ -52,7 +52,8 @@ def request_to_input(msg: pb.ScoreRequest, *, accepts_video: bool) -> ScoreInput
     shape = tuple(img.shape)
     if len(shape) != _RANK[img.layout]:
         raise MalformedRequest(
-            f"{rid}images.shape: {list(shape)} has {len(shape)} dimensions, {pb.Layout.Name(img.layout)} needs "
+            f"{rid}images.shape: {list(shape)} has {len(shape)} dimensions, "
+            f"{pb.Layout.Name(img.layout)} needs "
             f"{_RANK[img.layout]}"
         )
     if shape[0] == 0:
@@ -85,7 +86,8 @@ def _check_bytes(field: str, got: int, n: int, per_item: int) -> None:
     want = n * per_item
     if got < want:
         raise MalformedRequest(
-            f"{field}.data: {got} bytes but the shape needs {want} ({per_item} per item): item {got // per_item} "
+            f"{field}.data: {got} bytes but the shape needs {want} ({per_item} per item): "
+            f"item {got // per_item} "
             "is truncated"
         )
     if got > want:

@@ -49,7 +49,8 @@ class JpegSize:
 
         if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
             raise ValueError(
-                f"{self.name}: expected uint8 [N, H, W, 3] or [N, T, H, W, 3], got {images.dtype} {images.shape}"
+                f"{self.name}: expected uint8 [N, H, W, 3] or [N, T, H, W, 3], "
+                f"got {images.dtype} {images.shape}"
             )
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
