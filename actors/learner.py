@@ -1,0 +1,546 @@
+"""The learner: one Ray actor per rank, all ranks one torch.distributed group, the DiT sharded with FSDP2.
+
+The same learner serves RL (NFT, GRPO, DPO) and plain training (SFT, pretraining, `fm`): only the loss
+(policy/losses.py) and the data differ. Endpoints are separate so that only the controller decides their
+order: `forward_backward(batch)` (gradient accumulation over micro-batches of the rank's shard),
+`optim_step()`, `state_for_rollout()`, `save(dir)`, `load(dir)`, `export_diffusers(dir)`.
+
+Extra policies are kept as *slots*: copies of the trainable parameters sharded exactly like them,
+swapped into the shards for a no-grad forward. "old" is DiffusionNFT's EMA policy; "ref" is the policy
+as it was when the objective first ran (the KL anchor and DPO's reference). With LoRA the slots hold
+adapter weights only. Every random draw (σ, ε) comes from the batch seed over the *whole* batch before
+it is sliced, so R ranks compute exactly what one rank would.
+
+    group = LearnerGroup(world_size=2, model_cfg=ModelConfig(), learner_cfg=LearnerConfig(), loss_cfg=LossConfig())
+    metrics = group.forward_backward(batch); version, step_metrics = group.optim_step()
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+
+from actors.base import RankActor
+from actors.records import TrainBatch, WeightSnapshot
+from policy import losses as L
+from policy.lora import LoRAConfig
+from policy.parallelize import DType
+from policy.sana import ModelConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Optimizer and gradient clipping."""
+
+    kind: Literal["adamw", "adafactor"] = "adamw"
+    """adafactor: factored second moments (the memory saving CAME builds on), no first moment."""
+    lr: float = field(default=3e-4, metadata={"gt": 0.0})
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = field(default=1e-4, metadata={"ge": 0.0})
+    eps: float = field(default=1e-8, metadata={"gt": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"ge": 0.0})
+    """Max global gradient norm; 0 disables clipping (the norm is still checked for NaN/inf)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LearnerConfig:
+    """The recipe's `learner:` section."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    param_dtype: DType = "bfloat16"
+    """Compute dtype of the all-gathered parameters; the sharded masters keep the model's dtype."""
+    reduce_dtype: DType = "float32"
+    """Dtype of the gradient reduce-scatter."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations."""
+    compile: bool = False
+    """torch.compile each block."""
+    micro_batch_size: int = field(default=4, metadata={"ge": 1})
+    """Samples per forward/backward on a rank; a rank's shard is accumulated over micro-batches."""
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    """SFT/pretraining: images per optimizer step (RL batch sizes come from the rollout section)."""
+    num_threads: int = field(default=0, metadata={"ge": 0})
+    """CPU intra-op threads per rank (0: torch's default); keeps co-located CPU ranks from oversubscribing."""
+    timeout_s: float = field(default=600.0, metadata={"gt": 0.0})
+    """Collective timeout: a step whose peer rank stopped answering fails after this long."""
+
+
+def _shards(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shard behind each (DTensor) parameter or slot tensor; in-place ops on it are seen by FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
+
+
+def _accumulate(into: L.Metrics, metrics: L.Metrics, weight: float) -> None:
+    """into[k] += weight * metrics[k]: means over micro-batches, σ draws and steps."""
+    for key, value in metrics.items():
+        into[key] = into[key] + weight * value if key in into else weight * value
+
+
+class Learner(RankActor):
+    """One rank of the learner. Created by LearnerGroup as the Ray actor `learner-rank{i}`."""
+
+    def setup(
+        self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, loss_cfg: L.LossConfig, seed: int
+    ) -> int:
+        """Build, (LoRA-)wrap and shard the policy, make the optimizer; returns the trainable parameter count."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from policy.lora import apply_lora
+        from policy.parallelize import clean_name, parallelize
+        from policy.sana import build_policy
+
+        torch.manual_seed(seed)  # every rank builds the same initial weights before sharding
+        torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
+        self.model_cfg, self.cfg, self.loss_cfg = model_cfg, learner_cfg, loss_cfg
+        model: torch.nn.Module = build_policy(model_cfg)
+        if learner_cfg.lora.enabled:
+            model = apply_lora(model, learner_cfg.lora)
+        model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.model = parallelize(
+            model, mesh, param_dtype=learner_cfg.param_dtype, reduce_dtype=learner_cfg.reduce_dtype,
+            activation_checkpointing=learner_cfg.activation_checkpointing, compile=learner_cfg.compile,
+        )  # fmt: skip
+        named = [(clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = self._optimizer()
+        self.slots: dict[str, list[torch.Tensor]] = {}
+        self.version = 0
+        self.skipped_steps = 0
+        self.samples_seen = 0
+        return sum(p.numel() for p in self.params)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.kind == "adafactor":
+            return torch.optim.Adafactor(self.params, lr=o.lr, weight_decay=o.weight_decay, foreach=False)
+        return torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+
+    # ------------------------------------------------------------------------------ policies (slots)
+    def _ensure_slots(self, kind: str) -> None:
+        wanted = (["old"] if kind == "nft" else []) + (["ref"] if self.loss_cfg.uses_reference(kind) else [])
+        for name in wanted:
+            if name not in self.slots:
+                self.slots[name] = [p.detach().clone() for p in self.params]
+
+    @contextmanager
+    def _policy(self, slot: str | None) -> Iterator[None]:
+        """Inside: the model computes with slot `slot`'s weights (None: the trained ones). No grad."""
+        if slot is None:
+            yield
+            return
+        live = _shards(self.params)
+        with torch.no_grad():
+            saved = [t.clone() for t in live]
+            torch._foreach_copy_(live, _shards(self.slots[slot]))
+            try:
+                yield
+            finally:
+                torch._foreach_copy_(live, saved)
+
+    def _v(
+        self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """float32 velocity [B, C, H, W] at noise level sigma [B]."""
+        d = self.device
+        return self.model(x.to(d), (sigma * 1000).to(d), text.to(d), mask.to(d)).float()
+
+    def _v_of(self, slot: str, *args: torch.Tensor) -> torch.Tensor | None:
+        if slot not in self.slots:
+            return None
+        with self._policy(slot), torch.no_grad():
+            return self._v(*args)
+
+    # ------------------------------------------------------------------------------ endpoints
+    def forward_backward(self, batch: TrainBatch) -> dict[str, float]:
+        """Accumulate gradients of the batch-mean loss over this rank's shard; returns rank-averaged metrics."""
+        kind = batch.kind
+        self._ensure_slots(kind)
+        draws = self._draws(batch)
+        b = len(batch)
+        lo, hi = self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
+        shard = batch.shard(self.rank, self.world_size)
+        n, mb = len(shard), self.cfg.micro_batch_size
+        totals: L.Metrics = {}
+        for start in range(0, n, mb):
+            sl = slice(start, min(start + mb, n))
+            weight = (sl.stop - sl.start) / n  # micro-batch means, weighted into the shard mean
+            drawn = {k: v[:, lo:hi][:, sl] for k, v in draws.items()}
+            metrics = getattr(self, f"_{kind}")(shard, sl, drawn, weight)
+            _accumulate(totals, metrics, weight)
+        self.samples_seen += b
+        out = self._mean_over_ranks(totals)
+        out["nonfinite_loss"] = 0.0 if math.isfinite(out["loss"]) else 1.0  # NaN on any rank spreads here
+        return out
+
+    def optim_step(self) -> tuple[int, dict[str, float]]:
+        """Clip, check and apply the accumulated gradients; returns (policy_version, metrics).
+
+        A non-finite gradient norm (a NaN/inf anywhere in the batch, on any rank: the norm is global) skips
+        the update on every rank alike and is counted; the version only advances on a real update.
+        """
+        from torch.distributed.tensor import DTensor
+
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        grad_norm = float(norm)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+            self.version += 1
+            if "old" in self.slots:  # one optimizer step is one rollout round (epoch) for the controller
+                nft = self.loss_cfg.nft
+                decay = L.old_policy_decay(self.version, nft.decay_rate, nft.decay_max)
+                L.ema_update_(_shards(self.slots["old"]), _shards(self.params), decay)
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.version, {
+            "grad_norm": grad_norm,
+            "skipped": 0.0 if finite else 1.0,
+            "skipped_steps": float(self.skipped_steps),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+
+    def state_for_rollout(self) -> WeightSnapshot | None:
+        """Full weights gathered to rank 0 on the CPU, SanaDiT names, LoRA merged (None on other ranks).
+
+        With NFT the rollouts sample the old (EMA) policy, as DiffusionNFT and Sol-RL do.
+        """
+        state = self._full_state("old" if "old" in self.slots else None)
+        return None if state is None else WeightSnapshot(policy_version=self.version, state=state)
+
+    def save(self, path: str) -> str:
+        """Collective: sharded checkpoint of model, optimizer, slots, counters and RNG at `path`, atomically."""
+        from policy.checkpoint import save_checkpoint
+
+        meta = {
+            "version": self.version, "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
+            "world_size": self.world_size, "lora": self.cfg.lora.enabled,
+        }  # fmt: skip
+        slots = {k: dict(zip(self.names, v)) for k, v in self.slots.items()}
+        save_checkpoint(
+            Path(path), model=self.model, optimizer=self.optimizer, slots=slots, meta=meta, rank=self.rank
+        )
+        return path
+
+    def load(self, path: str) -> int:
+        """Collective: restore a checkpoint written by `save` (any world size); returns its policy version."""
+        from policy.checkpoint import load_checkpoint, read_meta
+
+        meta = read_meta(path)
+        if meta["lora"] != self.cfg.lora.enabled:
+            raise ValueError(
+                f"{path}: lora={meta['lora']} checkpoint, learner has lora={self.cfg.lora.enabled}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.slots = {k: v for k, v in self.slots.items() if k in meta["slots"]}
+        for name in meta["slots"]:
+            self.slots.setdefault(name, [p.detach().clone() for p in self.params])
+        slots = {k: dict(zip(self.names, v)) for k, v in self.slots.items()}
+        load_checkpoint(path, model=self.model, optimizer=self.optimizer, slots=slots, rank=self.rank)
+        self.version, self.skipped_steps = int(meta["version"]), int(meta["skipped_steps"])
+        self.samples_seen = int(meta["samples_seen"])
+        return self.version
+
+    def export_diffusers(self, path: str) -> str:
+        """Collective: the trained policy (LoRA merged) as a diffusers folder, written by rank 0."""
+        from policy.checkpoint import export_diffusers
+
+        state = self._full_state(None)
+        if state is not None:
+            export_diffusers(state, self.model_cfg.arch(), path)
+        return path
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "version": self.version,
+            "skipped_steps": self.skipped_steps,
+            "samples_seen": self.samples_seen,
+        }
+
+    # ------------------------------------------------------------------------------ internals
+    def _full_state(self, slot: str | None) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from policy.lora import merge_lora
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        with self._policy(slot):
+            state = get_model_state_dict(self.model, options=opts)
+        if self.rank != 0:
+            return None
+        full = {
+            k: cast(torch.Tensor, v).detach().clone() for k, v in state.items()
+        }  # own it, never alias a slot
+        return merge_lora(full, self.cfg.lora.scale) if self.cfg.lora.enabled else full
+
+    def _mean_over_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(totals)
+        packed = torch.stack([totals[k].float().to(self.device) for k in keys])
+        if self.world_size > 1:
+            dist.all_reduce(packed)
+            packed /= self.world_size
+        return dict(zip(keys, packed.tolist()))
+
+    def _draws(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The batch's σ and ε for all B samples, [K, B, ...] (K draws per sample), from the batch seed."""
+        g = torch.Generator().manual_seed(batch.seed)
+        b, shape = len(batch), tuple(batch.x0.shape)
+        if batch.kind == "grpo":
+            return {}
+        if batch.kind == "nft":
+            k, s = self.loss_cfg.nft.num_sigmas, self.loss_cfg.nft.shift
+            u = torch.rand(k, b, generator=g)
+            sigma = s * u / (1 + (s - 1) * u)  # the sampler's timestep shift (DESIGN.md section 3)
+        else:
+            ln = self.loss_cfg.dpo.sigma if batch.kind == "dpo" else self.loss_cfg.fm.sigma
+            k, sigma = 1, L.sample_sigmas_logit_normal(b, ln.mean, ln.std, g)[None]
+        return {"sigma": sigma, "noise": torch.randn((k, *shape), generator=g)}
+
+    def _fm(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
+        x0, text, mask = shard.x0[sl], shard.text[sl], shard.text_mask[sl]
+        sigma, noise = drawn["sigma"][0], drawn["noise"][0]
+        v = self._v(L.noised(x0, noise, sigma), sigma, text, mask)
+        loss, metrics = L.flow_matching_loss(v, x0.to(v.device), noise.to(v.device))
+        (loss * weight).backward()
+        return metrics
+
+    def _nft(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
+        cfg = self.loss_cfg.nft
+        assert shard.advantages is not None, "nft batch without advantages"
+        x0, text, mask = shard.x0[sl].to(self.device), shard.text[sl], shard.text_mask[sl]
+        adv = shard.advantages[sl].to(self.device)
+        k = drawn["sigma"].shape[0]
+        out: L.Metrics = {}
+        for j in range(k):
+            sigma, noise = drawn["sigma"][j].to(self.device), drawn["noise"][j].to(self.device)
+            xs = L.noised(x0, noise, sigma)
+            v_old = self._v_of("old", xs, sigma, text, mask)
+            v_ref = self._v_of("ref", xs, sigma, text, mask)
+            v = self._v(xs, sigma, text, mask)
+            assert v_old is not None
+            loss, metrics = L.nft_loss(
+                v,
+                v_old,
+                v_ref,
+                x0,
+                xs,
+                sigma,
+                adv,
+                beta=cfg.beta,
+                adv_clip=cfg.adv_clip,
+                kl_weight=cfg.kl_weight,
+            )
+            (loss * weight / k).backward()
+            _accumulate(out, metrics, 1 / k)
+        return out
+
+    def _grpo(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
+        from policy.flow import sde_log_prob
+
+        cfg = self.loss_cfg.grpo
+        if (
+            shard.trajectory is None
+            or shard.sigmas is None
+            or shard.train_steps is None
+            or shard.advantages is None
+        ):
+            raise ValueError("grpo batch needs trajectory, sigmas, train_steps and advantages")
+        traj = shard.trajectory[sl].to(self.device)  # [b, S+1, C, H, W]
+        text, mask = shard.text[sl], shard.text_mask[sl]
+        adv = shard.advantages[sl].to(self.device).clamp(-cfg.adv_clip, cfg.adv_clip)
+        use_is = cfg.is_correction and shard.log_probs is not None
+        steps = [int(j) for j in shard.train_steps]
+        out: L.Metrics = {}
+        for j in steps:
+            x, x_next = traj[:, j], traj[:, j + 1]
+            sigma = shard.sigmas[j].expand(len(x)).to(self.device)
+            sigma_next = shard.sigmas[j + 1].expand(len(x)).to(self.device)
+            mean_ref = None
+            v_ref = self._v_of("ref", x, sigma, text, mask)
+            if v_ref is not None:
+                mean_ref = sde_log_prob(x_next, x, v_ref, sigma, sigma_next, cfg.noise_level)[1][:, None]
+            v = self._v(x, sigma, text, mask)
+            logp, mean, std = sde_log_prob(x_next, x, v, sigma, sigma_next, cfg.noise_level)
+            # Old = the BF16 policy at this version; the IS weight covers quantization and staleness.
+            lp_roll = shard.log_probs[sl][:, j : j + 1].to(self.device) if use_is else None  # type: ignore[index]
+            loss, metrics = L.grpo_loss(
+                logp[:, None], logp.detach()[:, None], adv, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta,
+                mean_new=mean[:, None], mean_ref=mean_ref, std=std.expand(x.shape[0], *([1] * (x.dim() - 1))).reshape(-1, 1),
+                logp_rollout=lp_roll, is_cap=cfg.is_cap,
+            )  # fmt: skip
+            (loss * weight / len(steps)).backward()
+            _accumulate(out, metrics, 1 / len(steps))
+        return out
+
+    def _dpo(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
+        if shard.x0_rejected is None:
+            raise ValueError("dpo batch needs x0_rejected")
+        b = sl.stop - sl.start
+        xs, target, sigma = L.dpo_pair(
+            shard.x0[sl], shard.x0_rejected[sl], drawn["noise"][0], drawn["sigma"][0]
+        )
+        text, mask = torch.cat([shard.text[sl]] * 2), torch.cat([shard.text_mask[sl]] * 2)
+        v_ref = self._v_of("ref", xs, sigma, text, mask)
+        assert v_ref is not None
+        e_ref = L.velocity_error(v_ref, target.to(self.device))
+        e = L.velocity_error(self._v(xs, sigma, text, mask), target.to(self.device))
+        loss, metrics = L.dpo_loss(e[:b], e_ref[:b], e[b:], e_ref[b:], self.loss_cfg.dpo.beta_dpo)
+        (loss * weight).backward()
+        return metrics
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died or raised during `method`; the controller restores all ranks from a checkpoint."""
+
+    def __init__(self, rank: int, method: str, cause: BaseException) -> None:
+        super().__init__(f"learner-rank{rank} failed in {method}: {type(cause).__name__}: {cause}")
+        self.rank, self.method = rank, method
+
+
+class LearnerGroup:
+    """The controller's handle on all learner ranks: creates them, joins them into one group, fans calls out.
+
+    `placement_group` / `bundle_indices` pin rank i to bundle i (the placement code's choice). Every call
+    waits for all ranks and raises LearnerFailed naming the first rank that died or raised.
+    """
+
+    def __init__(
+        self,
+        *,
+        world_size: int,
+        model_cfg: ModelConfig,
+        learner_cfg: LearnerConfig,
+        loss_cfg: L.LossConfig,
+        seed: int = 0,
+        placement_group: Any = None,
+        bundle_indices: list[int] | None = None,
+        num_cpus_per_rank: float = 1.0,
+        num_gpus_per_rank: float = 0.0,
+        name_prefix: str = "learner",
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size: must be >= 1, got {world_size}")
+        if bundle_indices is not None and len(bundle_indices) != world_size:
+            raise ValueError(f"bundle_indices: {len(bundle_indices)} given for {world_size} ranks")
+        self.world = world_size
+        self._setup_args = (model_cfg, learner_cfg, loss_cfg, seed)
+        self._placement = (placement_group, bundle_indices)
+        self._resources = (num_cpus_per_rank, num_gpus_per_rank)
+        self._prefix = name_prefix
+        self.trainable_params = 0
+        self._actors: list[Any] = []
+        self._start()
+
+    def _start(self) -> None:
+        import ray
+
+        pg, bundles = self._placement
+        cpus, gpus = self._resources
+        actor_cls = ray.remote(Learner)
+        self._actors = []
+        for rank in range(self.world):
+            opts: dict[str, Any] = {
+                "name": f"{self._prefix}-rank{rank}", "num_cpus": cpus, "num_gpus": gpus,
+                "max_restarts": 0, "max_task_retries": 0,
+            }  # fmt: skip
+            if pg is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                index = bundles[rank] if bundles is not None else rank
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=index
+                )
+            threads = self._setup_args[1].num_threads
+            self._actors.append(actor_cls.options(**opts).remote(rank, self.world, num_threads=threads))
+        address, port = self._gather([self._actors[0].open_rendezvous.remote()], "open_rendezvous")[0]
+        timeout = self._setup_args[1].timeout_s
+        self._call("init_distributed", address, port, timeout)
+        self.trainable_params = self._call("setup", *self._setup_args)[0]
+
+    def _gather(self, refs: list[Any], method: str) -> list[Any]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        rank_of = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            rank = rank_of[ready[0]]
+            try:
+                results[rank] = ray.get(ready[0])
+            except (RayActorError, RayTaskError) as exc:
+                raise LearnerFailed(rank, method, exc) from exc
+        return results
+
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        return self._gather([getattr(a, method).remote(*args) for a in self._actors], method)
+
+    def forward_backward(self, batch: TrainBatch) -> dict[str, float]:
+        import ray
+
+        return dict(self._call("forward_backward", ray.put(batch))[0])
+
+    def optim_step(self) -> tuple[int, dict[str, float]]:
+        version, metrics = self._call("optim_step")[0]
+        return int(version), dict(metrics)
+
+    def state_for_rollout(self) -> WeightSnapshot:
+        snapshot = self._call("state_for_rollout")[0]
+        assert isinstance(snapshot, WeightSnapshot)
+        return snapshot
+
+    def save(self, path: str) -> str:
+        return str(self._call("save", str(path))[0])
+
+    def load(self, path: str) -> int:
+        return int(self._call("load", str(path))[0])
+
+    def export_diffusers(self, path: str) -> str:
+        return str(self._call("export_diffusers", str(path))[0])
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._call("counters")[0])
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in self._call("pid")]
+
+    def restart(self) -> None:
+        """Replace every rank with a fresh actor (same names); the caller then loads a checkpoint."""
+        self.shutdown()
+        self._start()
+
+    def shutdown(self) -> None:
+        """Kill all ranks and wait until their names are free again."""
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30.0
+        for rank in range(len(self._actors)):
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(f"{self._prefix}-rank{rank}")
+                except ValueError:
+                    break
+                time.sleep(0.05)
+        self._actors = []
+
+
+__all__ = ["Learner", "LearnerConfig", "LearnerFailed", "LearnerGroup", "OptimConfig"]
