@@ -55,10 +55,10 @@ def _tiny() -> SanaConfig:
 def test_merged_lora_equals_the_adapted_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = _tiny()
-    adapted = SanaDiT(cfg)
-    torch.nn.init.normal_(adapted.final_layer.linear.weight, std=0.02)
+    base = SanaDiT(cfg)
+    torch.nn.init.normal_(base.final_layer.linear.weight, std=0.02)
     lora = LoRAConfig(enabled=True, rank=4, alpha=8)
-    adapted = apply_lora(adapted, lora)
+    adapted = apply_lora(base, lora)
     with torch.no_grad():  # B starts at zero; give it values so the merge has something to add
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
