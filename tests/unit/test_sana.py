@@ -146,7 +146,7 @@ def test_original_config_inferred_from_shapes(tmp_path: Path) -> None:
     torch.save(original, tmp_path / "bare.pth")
     model = SanaDiT.from_pretrained(tmp_path / "bare.pth")
     assert model.cfg == cfg  # cross_heads from the 0.6B preset of the same width, qk_norm from the keys
-    key = "blocks.1.cross_attn.k_norm.weight"
+    key = "blocks.0.cross_attn.k_norm.weight"
     assert torch.equal(model.state_dict()[key], original[key])
     with pytest.raises(ValueError, match="matches no published Sana size"):
         sda.infer_original_config(_original_state_dict(CONFIGS["plain"]))
