@@ -3,8 +3,8 @@ front of one `RewardModel`.
 
 Requests wait in a bounded queue (full: `QueueFull`, which the transport answers RESOURCE_EXHAUSTED).
 One batcher task takes the oldest request and, like Triton's dynamic batcher, adds queued requests of the
-same item shape until the batch holds `max_batch` items or `max_wait_s` has passed since it started
-forming; it stops waiting early when the queued requests cannot join (another shape, or too big), so
+same item shape until the batch holds `max_batch` items or its oldest request has waited `max_wait_s`;
+it stops waiting early when the queued requests cannot join (another shape, or too big), so
 they are not held up. A request over `max_batch` items is split and its parts scored in order. The model
 runs on one worker thread, so the event loop keeps receiving (and coalescing) while a batch is scored.
 Requests whose deadline passed or whose caller went away are dropped before scoring.
@@ -86,6 +86,7 @@ class _Job:
     inp: ScoreInput
     future: asyncio.Future[ScoreBatch]
     deadline: float | None  # event-loop time
+    enqueued: float  # event-loop time; max_wait counts from here
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -137,7 +138,7 @@ class ScoringCore:
                 f"{self.info.name}: queue full ({len(self._queue)}/{self.queue_size} requests waiting)"
             )
         deadline = None if timeout is None else loop.time() + timeout
-        jobs = [_Job(part, loop.create_future(), deadline) for part in parts]
+        jobs = [_Job(part, loop.create_future(), deadline, loop.time()) for part in parts]
         self._queue.extend(jobs)
         self._idle.clear()
         self._arrived.set()
@@ -215,7 +216,7 @@ class ScoringCore:
                 await self._arrived.wait()
                 continue
             batch, n = [first], len(first.inp)
-            flush_at = loop.time() + self.max_wait_s
+            flush_at = first.enqueued + self.max_wait_s  # time spent queued behind a busy scorer counts
             while n < self.info.max_batch:
                 job = self._take(first.key, self.info.max_batch - n, loop.time())
                 if job is not None:
