@@ -171,17 +171,23 @@ def test_batching_under_concurrent_clients() -> None:
     asyncio.run(main())
 
 
+def _batch(
+    nbytes: int, shape: list[int], layout: int = 1, prompts: tuple[str, ...] = ("a",)
+) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        images=pb.ImageBatch(data=b"\0" * nbytes, shape=shape, layout=layout), prompts=prompts
+    )
+
+
 @pytest.mark.parametrize(
     ("request_", "details"),
     [
         (lambda: encode_request(_images(2), ["a"]), "1 prompts for 2 items (item 1 has no prompt)"),
-        (lambda: pb.ScoreRequest(images=pb.ImageBatch(data=b"", shape=[0, 4, 4, 3], layout=1)), "empty batch"),
-        (lambda: pb.ScoreRequest(images=pb.ImageBatch(data=b"\0" * 47, shape=[1, 4, 4, 3], layout=1), prompts=["a"]),
-         "item 0 is truncated"),
-        (lambda: pb.ScoreRequest(images=pb.ImageBatch(data=b"\0" * 48, shape=[1, 4, 4, 3], layout=9), prompts=["a"]),
-         "unknown layout 9"),
+        (lambda: _batch(0, [0, 4, 4, 3], prompts=()), "empty batch"),
+        (lambda: _batch(47, [1, 4, 4, 3]), "item 0 is truncated"),
+        (lambda: _batch(48, [1, 4, 4, 3], layout=9), "unknown layout 9"),
     ],
-)  # fmt: skip
+)
 def test_malformed_requests_are_invalid_argument(request_, details: str) -> None:
     async def main() -> None:
         async with serving(make_scorer("jpeg_compressibility")) as (_, stub):
