@@ -66,7 +66,7 @@ class DriftReport:
             f"final latent rel. error: {self.mean_final_latent_rel_err:.4f}",
         ]
         if self.mean_abs_logprob_gap is not None:
-            lines.append(f"|log-prob gap| on SDE steps: {self.mean_abs_logprob_gap:.5f}")
+            lines.append(f"|log-prob gap| on SDE steps: {self.mean_abs_logprob_gap:.3e}")
         if self.reward_spearman is not None:
             lines.append(f"reward Spearman rho (quantized vs full): {self.reward_spearman:.3f}")
         return "\n".join(lines)
