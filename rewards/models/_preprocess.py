@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -125,17 +126,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_strict(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    published_name: Callable[[str], str] = str,
+) -> None:
     """Load `state` into `module`; any missing, unexpected or mis-shaped key is a ValueError naming it.
 
     The checkpoint's tensors are assigned, not copied, so `module` may be built on the meta device
     (no second copy of a billion random parameters); non-persistent buffers stay the caller's job.
+    `published_name` maps our key names back to the checkpoint's for the error message.
     """
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(map(published_name, set(own) - set(state)))
+    unexpected = sorted(map(published_name, set(state) - set(own)))
     wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+        f"{published_name(k)} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
