@@ -101,10 +101,11 @@ def _dit_rows(device: torch.device, quick: bool) -> list[Row]:
         qcfg, batch, steps, text_len = QuantConfig(), 4, 10, 300
     else:
         # Every tiny-preset Linear is <= 2240 wide: min_dim 0, or nothing would be quantized.
-        model = (
-            SanaDiT(dataclasses.replace(SanaConfig.preset("tiny"), depth=2 if quick else 4)).to(device).eval()
-        )
-        qcfg, batch, steps, text_len = QuantConfig(min_dim=0), 4, 4 if quick else 10, 16
+        # Quick: 16x16 latents (64 tokens), 2 images, 2 steps.
+        tiny = SanaConfig.preset("tiny")
+        tiny = dataclasses.replace(tiny, depth=2 if quick else 4, sample_size=16 if quick else 32)
+        model = SanaDiT(tiny).to(device).eval()
+        qcfg, batch, steps, text_len = QuantConfig(min_dim=0), 2 if quick else 4, 2 if quick else 10, 16
     cfg = model.cfg
     latent = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     text = torch.randn(batch, text_len, cfg.caption_channels, device=device)
@@ -139,7 +140,7 @@ def _memory_rows(device: torch.device, quick: bool) -> list[Row]:
     torch.manual_seed(0)
     full = SanaConfig.preset("1.6B")
     model = SanaDiT(dataclasses.replace(full, depth=1)).to(device).eval()
-    state = model.state_dict()
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # other storage, so loads really copy
     rows = []
     for fmt in FORMATS[:2] if quick else FORMATS:
         qmodel, report = quantize_policy(model, QuantConfig(fmt=fmt))

@@ -82,9 +82,12 @@ def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -
     """`x @ w^T + b` on FP8 tensor cores via `torch._scaled_mm` (CUDA, compute capability >= 8.9).
 
     cuBLAS wants the second operand column-major, which `w.data.t()` of a row-major weight already is.
-    Row-wise scales need a bf16 output; the bias is added afterwards in the same precision.
+    Row-wise scales need a bf16 output; the bias is added afterwards in the same precision. Token rows
+    are zero-padded to a multiple of 16 (cuBLASLt rejects or slows down other FP8 row counts).
     """
     x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    x2 = torch.nn.functional.pad(x2, (0, 0, 0, -rows % 16))
     xq = quantize(x2, per_row=w.per_row)
     y = torch._scaled_mm(
         xq.data,
@@ -93,6 +96,7 @@ def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -
         scale_b=w.scale.reshape(1, -1) if w.per_row else w.scale,
         out_dtype=torch.bfloat16,
     )
+    y = y[:rows]
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)

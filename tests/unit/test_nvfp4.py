@@ -145,3 +145,44 @@ def test_to_blocked_matches_the_cublas_offset_formula() -> None:
         tile = (r // 128) * col_tiles + c // 4
         offset = tile * 512 + (r % 128 % 32) * 16 + (r % 128 // 32) * 4 + c % 4
         assert int(flat[offset]) == int(values[r, c] % 255)
+
+
+def _unswizzle(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of to_blocked by the cuBLAS offset formula: [rows, cols] scales from the flat buffer."""
+    r = torch.arange(rows).unsqueeze(1)
+    c = torch.arange(cols).unsqueeze(0)
+    tile = (r // 128) * (-(-cols // 4)) + c // 4
+    offset = tile * 512 + (r % 32) * 16 + (r % 128 // 32) * 4 + c % 4
+    return flat.view(torch.uint8)[offset].view(torch.float8_e4m3fn)
+
+
+def test_scaled_mm_call_is_what_cublas_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No FP4 tensor cores here: a stand-in `_scaled_mm` decodes its operands the way cuBLAS documents
+    # (column-major B, swizzled E4M3 block scales) so the Blackwell path's plumbing runs on CPU.
+    def fake_scaled_mm(
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        scale_a: torch.Tensor,
+        scale_b: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        fp4 = torch.float4_e2m1fn_x2
+        assert a.dtype == b.dtype == fp4 and b.stride(0) == 1  # B column-major
+        k = 2 * a.shape[1]
+
+        def dense(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+            values = nvfp4.e2m1_decode(nvfp4.unpack(packed.contiguous().view(torch.uint8)))
+            block = _unswizzle(scales, packed.shape[0], k // 16).float()
+            return values * block.repeat_interleave(16, dim=1)
+
+        return (dense(a, scale_a) @ dense(b.t(), scale_b).t()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    torch.manual_seed(0)
+    w = nvfp4.quantize(torch.randn(144, 64))
+    x, b = torch.randn(3, 7, 64), torch.randn(144)
+    got = nvfp4.linear_scaled_mm(x, w, b)
+    expected = nvfp4.fake_quantize(x) @ nvfp4.dequantize(w).t() + b
+    assert got.shape == (3, 7, 144)
+    assert float((got - expected).norm() / expected.norm()) < 1e-2  # bf16 output rounding only

@@ -63,3 +63,19 @@ def test_quantize_into_existing_storage() -> None:
     assert t.data.data_ptr() == ptr
     with pytest.raises(ValueError, match="out has"):
         fp8.quantize(torch.randn(4, 32), out=t)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_scaled_mm_path_matches_emulation(per_row: bool) -> None:
+    # torch ships a CPU `_scaled_mm` for FP8: this checks the GPU path's call conventions (operand layout,
+    # scale shapes, row padding) here, where only the bf16 output rounding separates it from emulation.
+    torch.manual_seed(0)
+    w = fp8.quantize(torch.randn(48, 64), per_row=per_row)
+    x, b = torch.randn(2, 5, 64), torch.randn(48)  # 10 token rows: padded to 16 inside
+    try:
+        got = fp8.linear_scaled_mm(x, w, b)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this torch build has no CPU _scaled_mm: {exc}")
+    ref = fp8.linear_emulated(x, w, b)
+    assert got.shape == ref.shape == (2, 5, 48)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
