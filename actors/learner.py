@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
@@ -31,22 +31,8 @@ from actors.base import RankActor
 from actors.records import TrainBatch, WeightSnapshot
 from policy import losses as L
 from policy.lora import LoRAConfig
-from policy.parallelize import DType
+from policy.parallelize import DType, OptimConfig
 from policy.sana import ModelConfig
-
-
-@dataclass(kw_only=True, slots=True)
-class OptimConfig:
-    """Optimizer and gradient clipping."""
-
-    kind: Literal["adamw", "adafactor"] = "adamw"
-    """adafactor: factored second moments (the memory saving CAME builds on), no first moment."""
-    lr: float = field(default=3e-4, metadata={"gt": 0.0})
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = field(default=1e-4, metadata={"ge": 0.0})
-    eps: float = field(default=1e-8, metadata={"gt": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"ge": 0.0})
-    """Max global gradient norm; 0 disables clipping (the norm is still checked for NaN/inf)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,7 +82,7 @@ class Learner(RankActor):
         from torch.distributed.device_mesh import init_device_mesh
 
         from policy.lora import apply_lora
-        from policy.parallelize import clean_name, parallelize
+        from policy.parallelize import build_optimizer, clean_name, parallelize
         from policy.sana import build_policy
 
         torch.manual_seed(seed)  # every rank builds the same initial weights before sharding
@@ -114,18 +100,12 @@ class Learner(RankActor):
         named = [(clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.optimizer = self._optimizer()
+        self.optimizer = build_optimizer(self.params, learner_cfg.optim)
         self.slots: dict[str, list[torch.Tensor]] = {}
         self.version = 0
         self.skipped_steps = 0
         self.samples_seen = 0
         return sum(p.numel() for p in self.params)
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        if o.kind == "adafactor":
-            return torch.optim.Adafactor(self.params, lr=o.lr, weight_decay=o.weight_decay, foreach=False)
-        return torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
 
     # ------------------------------------------------------------------------------ policies (slots)
     def _ensure_slots(self, kind: str) -> None:
@@ -282,12 +262,11 @@ class Learner(RankActor):
             state = get_model_state_dict(self.model, options=opts)
         if self.rank != 0:
             return None
-        full = {
-            k: cast(torch.Tensor, v).detach().clone() for k, v in state.items()
-        }  # own it, never alias a slot
+        # Own the memory: the gathered tensors must not alias a swapped-in slot.
+        full = {k: cast(torch.Tensor, v).detach().clone() for k, v in state.items()}
         return merge_lora(full, self.cfg.lora.scale) if self.cfg.lora.enabled else full
 
-    def _mean_over_ranks(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _mean_over_ranks(self, totals: L.Metrics) -> dict[str, float]:
         import torch.distributed as dist
 
         keys = sorted(totals)
@@ -377,11 +356,12 @@ class Learner(RankActor):
                 mean_ref = sde_log_prob(x_next, x, v_ref, sigma, sigma_next, cfg.noise_level)[1][:, None]
             v = self._v(x, sigma, text, mask)
             logp, mean, std = sde_log_prob(x_next, x, v, sigma, sigma_next, cfg.noise_level)
+            std_bt = std.expand(x.shape[0], *([1] * (x.dim() - 1))).reshape(-1, 1)  # [b, 1]
             # Old = the BF16 policy at this version; the IS weight covers quantization and staleness.
             lp_roll = shard.log_probs[sl][:, j : j + 1].to(self.device) if use_is else None  # type: ignore[index]
             loss, metrics = L.grpo_loss(
                 logp[:, None], logp.detach()[:, None], adv, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta,
-                mean_new=mean[:, None], mean_ref=mean_ref, std=std.expand(x.shape[0], *([1] * (x.dim() - 1))).reshape(-1, 1),
+                mean_new=mean[:, None], mean_ref=mean_ref, std=std_bt,
                 logp_rollout=lp_roll, is_cap=cfg.is_cap,
             )  # fmt: skip
             (loss * weight / len(steps)).backward()
@@ -468,10 +448,13 @@ class LearnerGroup:
                 )
             threads = self._setup_args[1].num_threads
             self._actors.append(actor_cls.options(**opts).remote(rank, self.world, num_threads=threads))
-        address, port = self._gather([self._actors[0].open_rendezvous.remote()], "open_rendezvous")[0]
-        timeout = self._setup_args[1].timeout_s
-        self._call("init_distributed", address, port, timeout)
-        self.trainable_params = self._call("setup", *self._setup_args)[0]
+        try:
+            address, port = self._gather([self._actors[0].open_rendezvous.remote()], "open_rendezvous")[0]
+            self._call("init_distributed", address, port, self._setup_args[1].timeout_s)
+            self.trainable_params = self._call("setup", *self._setup_args)[0]
+        except BaseException:
+            self.shutdown()  # never leave half a group holding resources and names
+            raise
 
     def _gather(self, refs: list[Any], method: str) -> list[Any]:
         import ray
@@ -495,6 +478,10 @@ class LearnerGroup:
     def forward_backward(self, batch: TrainBatch) -> dict[str, float]:
         import ray
 
+        if batch.kind not in ("nft", "grpo", "dpo", "fm"):
+            raise ValueError(f"batch.kind: expected nft, grpo, dpo or fm, got {batch.kind!r}")
+        if len(batch) % self.world:
+            raise ValueError(f"batch: {len(batch)} samples do not split over {self.world} learner ranks")
         return dict(self._call("forward_backward", ray.put(batch))[0])
 
     def optim_step(self) -> tuple[int, dict[str, float]]:

@@ -1,5 +1,5 @@
 """FSDP2 for the Sana DiT: activation checkpointing and torch.compile per block, then `fully_shard` per
-block and finally the root (the torchtitan order: AC, compile, FSDP).
+block and finally the root (the torchtitan order: AC, compile, FSDP); and the optimizer over those shards.
 
 Mixed precision is FSDP2's: parameters are all-gathered in `param_dtype` for compute while the sharded
 masters keep the model's own dtype (float32), gradients are reduce-scattered in `reduce_dtype`. The root
@@ -9,7 +9,9 @@ casts latents and text to its compute dtype itself.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -69,4 +71,78 @@ def parallelize(
     return model
 
 
-__all__ = ["DType", "clean_name", "parallelize"]
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Optimizer and gradient clipping."""
+
+    kind: Literal["adamw", "adafactor"] = "adamw"
+    """adafactor: factored second moments and no first moment, O(rows + cols) state per matrix instead of
+    AdamW's 2x the parameters (the memory saving Sana's CAME builds on)."""
+    lr: float = field(default=3e-4, metadata={"gt": 0.0})
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW only."""
+    weight_decay: float = field(default=1e-4, metadata={"ge": 0.0})
+    eps: float = field(default=1e-8, metadata={"gt": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"ge": 0.0})
+    """Max global gradient norm; 0 disables clipping (the norm is still checked for NaN/inf)."""
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.kind == "adafactor":
+        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def _replicated(t: torch.Tensor) -> torch.Tensor:
+    """A reduction over a sharded dim leaves a pending (partial) DTensor: finish it so it can be stored."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(t, DTensor) and any(p.is_partial() for p in t.placements):
+        return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+    return t
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) with an absolute learning rate, written with out-of-place ops so
+    it runs on FSDP2's DTensor shards (torch.optim.Adafactor's in-place norms do not).
+
+    The last two dims of a tensor are factored: row and column means of g² (EMA with β2_t = 1 - t^-0.8)
+    estimate the second moment as row·colᵀ / mean(row); the update g/√v̂ is RMS-clipped to 1.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "eps": 1e-30, "clip": 1.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
+                beta = 1.0 - float(state["step"]) ** -0.8  # weight on the running estimate
+                sq = g * g + eps
+                if g.dim() >= 2:
+                    row, col = sq.mean(-1), _replicated(sq.mean(-2))
+                    state["row"] = beta * state["row"] + (1 - beta) * row if "row" in state else row
+                    state["col"] = (
+                        _replicated(beta * state["col"] + (1 - beta) * col) if "col" in state else col
+                    )
+                    norm = _replicated(state["row"].mean(-1, keepdim=True))
+                    # normalise before the outer product: row·col of two tiny means underflows to 0
+                    v = (state["row"] / norm).unsqueeze(-1) * state["col"].unsqueeze(-2)
+                else:
+                    state["v"] = beta * state["v"] + (1 - beta) * sq if "v" in state else sq
+                    v = state["v"]
+                update = g / v.clamp(min=eps).sqrt()
+                rms = _replicated(update.square().mean()).sqrt()
+                update = update / torch.clamp(rms / group["clip"], min=1.0)
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr)
+
+
+__all__ = ["Adafactor", "DType", "OptimConfig", "build_optimizer", "clean_name", "parallelize"]

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.learner import LearnerConfig, LearnerFailed, LearnerGroup, OptimConfig
+from actors.learner import LearnerConfig, LearnerFailed, LearnerGroup
 from actors.records import TrainBatch
 from policy.checkpoint import latest_complete
 from policy.flow import shifted_sigmas
 from policy.lora import LoRAConfig
 from policy.losses import LossConfig
+from policy.parallelize import OptimConfig
 from policy.sana import ModelConfig, SanaDiT
 
 pytestmark = pytest.mark.ray
@@ -186,27 +187,40 @@ def test_sft_lowers_fm_loss_exports_then_dpo_and_grpo_train(ray_cluster: object,
         group.shutdown()
 
 
-def test_lora_trains_adapters_and_snapshots_merged_weights(ray_cluster: object, tmp_path: Path) -> None:
+def test_lora_adafactor_trains_adapters_snapshots_merged_and_resumes(
+    ray_cluster: object, tmp_path: Path
+) -> None:
     # LoRA adapts a pretrained model; a fresh one outputs zeros (zero final layer), so no adapter would learn
     torch.manual_seed(0)
     pretrained = SanaDiT(MODEL.arch())
     torch.nn.init.normal_(pretrained.final_layer.linear.weight, std=0.02)
     pretrained.save_pretrained(tmp_path / "base")
     model_cfg = ModelConfig(preset="tiny", overrides={"depth": 2}, pretrained=str(tmp_path / "base"))
-    cfg = _config(lora=LoRAConfig(enabled=True, rank=4, alpha=8), optim=OptimConfig(lr=1e-2))
-    group = LearnerGroup(world_size=1, model_cfg=model_cfg, learner_cfg=cfg, loss_cfg=LossConfig(), seed=0,
+    cfg = _config(
+        lora=LoRAConfig(enabled=True, rank=4, alpha=8), optim=OptimConfig(kind="adafactor", lr=1e-2)
+    )
+    group = LearnerGroup(world_size=2, model_cfg=model_cfg, learner_cfg=cfg, loss_cfg=LossConfig(), seed=0,
                          name_prefix="lora")  # fmt: skip
     try:
         base = group.state_for_rollout().state
         _assert_states_close(base, pretrained.state_dict(), atol=0.0)  # B = 0: merged = the base model
         assert group.trainable_params < sum(v.numel() for v in base.values()) // 5
-        group.forward_backward(_batch("nft", seed=1))
-        group.optim_step()
-        group.forward_backward(_batch("nft", seed=2))
-        group.optim_step()
+        for seed in (1, 2):
+            group.forward_backward(_batch("nft", seed=seed))
+            group.optim_step()
         merged = group.state_for_rollout().state
         changed = {k for k in base if not torch.equal(base[k], merged[k])}
         assert "blocks.0.attn.qkv.weight" in changed and "blocks.1.cross_attn.kv_linear.weight" in changed
         assert not any(".mlp." in k or "final_layer" in k for k in changed)  # only adapted layers move
+        # adapter, old/ref adapter slots and the factored optimizer state survive a checkpoint exactly
+        group.save(str(tmp_path / "ck"))
+        third = _batch("nft", seed=3)
+        loss = group.forward_backward(third)["loss"]
+        group.optim_step()
+        after = group.state_for_rollout().state
+        group.load(str(tmp_path / "ck"))
+        assert group.forward_backward(third)["loss"] == loss
+        group.optim_step()
+        assert all(torch.equal(after[k], v) for k, v in group.state_for_rollout().state.items())
     finally:
         group.shutdown()
