@@ -242,7 +242,7 @@ def quantize_policy(model: nn.Module, cfg: QuantConfig) -> tuple[nn.Module, Quan
     `blocks.3.attn.qkv`.
     """
     cfg.validate()
-    qmodel = copy.deepcopy(model).eval()
+    qmodel = copy.deepcopy(model).eval().requires_grad_(False)  # rollout copies never train
     layers = []
     for name, module in list(qmodel.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -270,43 +270,53 @@ def quantize_policy(model: nn.Module, cfg: QuantConfig) -> tuple[nn.Module, Quan
     return qmodel, QuantReport(fmt=cfg.fmt, layers=layers)
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """(local name, tensor, is_parameter) of a module's own parameters and persistent buffers."""
+    own: list[tuple[str, torch.Tensor, bool]] = [
+        (n, p, True) for n, p in module.named_parameters(recurse=False)
+    ]
+    own += [
+        (n, b, False)
+        for n, b in module.named_buffers(recurse=False)
+        if n not in module._non_persistent_buffers_set
+    ]
+    return own
+
+
 @torch.no_grad()
 def requantize_(qmodel: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Refresh a rollout copy in place from a full-precision state dict of the source model.
 
-    QuantLinears re-quantize into their buffers; every other parameter and persistent buffer is copied
-    (BF16-rounded) into its existing storage. Keys must match the source model's `state_dict()`; a
+    QuantLinears re-quantize into their buffers; every other parameter is copied BF16-rounded (as in
+    `quantize_policy`) and every persistent buffer exactly, into existing storage. Keys and shapes must
+    match the source model's `state_dict()`; they are all checked before anything is written, and a
     missing, unexpected or mis-shaped key raises ValueError naming it.
     """
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise ValueError(f"requantize_: state dict has no {key!r}")
-        used.add(key)
-        return state_dict[key]
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, module in qmodel.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, QuantLinear):
+            expected[prefix + "weight"] = (module.out_features, module.in_features)
+            if module.bias is not None:
+                expected[prefix + "bias"] = (module.out_features,)
+        else:
+            expected.update({prefix + n: tuple(t.shape) for n, t, _ in _own_tensors(module)})
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    for what, keys in (("state dict lacks", missing), ("keys not in the rollout copy", unexpected)):
+        if keys:
+            raise ValueError(f"requantize_: {what}: {keys[:5]}{' ...' if len(keys) > 5 else ''}")
+    for key, shape in expected.items():
+        if tuple(state_dict[key].shape) != shape:
+            raise ValueError(
+                f"requantize_: {key} has shape {tuple(state_dict[key].shape)}, the copy needs {shape}"
+            )
 
     for name, module in qmodel.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, QuantLinear):
-            module.load_(take(prefix + "weight"), take(prefix + "bias") if module.bias is not None else None)
+            module.load_(state_dict[prefix + "weight"], state_dict.get(prefix + "bias"))
             continue
-        # Parameters are BF16-rounded like in quantize_policy; buffers (statistics, tables) copy exactly.
-        tensors = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
-        tensors += [
-            (n, b, False)
-            for n, b in module.named_buffers(recurse=False)
-            if n not in module._non_persistent_buffers_set
-        ]
-        for local, dst, is_param in tensors:
-            src = take(prefix + local)
-            if src.shape != dst.shape:
-                raise ValueError(
-                    f"requantize_: {prefix + local} has shape {tuple(src.shape)}, copy has {tuple(dst.shape)}"
-                )
+        for local, dst, is_param in _own_tensors(module):
+            src = state_dict[prefix + local]
             dst.copy_(src.to(torch.bfloat16) if is_param and dst.is_floating_point() else src)
-    unexpected = sorted(set(state_dict) - used)
-    if unexpected:
-        raise ValueError(
-            f"requantize_: keys not in the rollout copy: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )

@@ -163,17 +163,20 @@ def test_requantize_is_allocation_free_and_equals_fresh_quantization() -> None:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_requantize_names_bad_keys() -> None:
+def test_requantize_names_bad_keys_and_writes_nothing() -> None:
     model = ToySana()
     qmodel, _ = quantize_policy(model, QuantConfig(fmt="fp8", min_dim=0))
-    sd = model.state_dict()
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    sd = {k: v + 1 for k, v in model.state_dict().items()}
     missing = {k: v for k, v in sd.items() if k != "blocks.1.mlp.point_conv.weight"}
     with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.point_conv\.weight"):
         requantize_(qmodel, missing)
     with pytest.raises(ValueError, match=r"extra\.key"):
         requantize_(qmodel, {**sd, "extra.key": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"x_embedder\.weight"):
-        requantize_(qmodel, {**sd, "x_embedder.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"final_layer\.linear\.weight has shape \(3, 3\)"):
+        requantize_(qmodel, {**sd, "final_layer.linear.weight": torch.zeros(3, 3)})
+    # Every check runs before the first write: a rejected state dict leaves the copy as it was.
+    assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
 
 
 def test_bad_skip_pattern_is_named() -> None:
