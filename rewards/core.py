@@ -6,7 +6,8 @@ One batcher task takes the oldest request and, like Triton's dynamic batcher, ad
 same item shape until the batch holds `max_batch` items or its oldest request has waited `max_wait_s`;
 it stops waiting early when the queued requests cannot join (another shape, or too big), so
 they are not held up. A request over `max_batch` items is split and its parts scored in order. The model
-runs on one worker thread, so the event loop keeps receiving (and coalescing) while a batch is scored.
+runs on one worker thread, so the event loop keeps receiving (and coalescing) while a batch is scored;
+a scorer whose batches take under 2 ms runs inline instead, as the hand-off would cost more.
 Requests whose deadline passed or whose caller went away are dropped before scoring.
 
 A scorer that raises fails every item of its batch with the reason: the items say so, nothing becomes 0.
@@ -24,6 +25,8 @@ import asyncio
 import collections
 import inspect
 import logging
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +35,10 @@ import numpy as np
 from rewards.base import RewardModel, ScoreBatch, ScorerInfo
 
 log = logging.getLogger(__name__)
+# A scorer whose batches take less than this runs on the event loop itself: handing a batch to the
+# scoring thread and back costs 0.1-0.3 ms, a fifth of a 64 px JPEG batch, while blocking the loop
+# for under 2 ms delays nothing that matters. Slower scorers (every model) keep the loop free.
+_INLINE_BELOW_S = 0.002
 
 
 class MalformedRequest(ValueError):
@@ -118,6 +125,7 @@ class ScoringCore:
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"score-{info.name}")
+        self._batch_s = math.inf  # running mean of a batch's scoring time; unknown at first
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="reward-batcher")
@@ -170,11 +178,13 @@ class ScoringCore:
     async def close(self, grace_s: float = 5.0) -> bool:
         """Stop accepting, score what is queued for up to `grace_s`, then stop. True when fully drained."""
         self.stop_accepting()
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-            drained = True
-        except TimeoutError:
-            drained = False
+        drained = self._idle.is_set()
+        if not drained:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+                drained = True
+            except TimeoutError:
+                pass
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -240,7 +250,12 @@ class ScoringCore:
         self.stats.coalesced += len(batch) > 1
         self.stats.largest = max(self.stats.largest, n)
         self.stats.sizes[n] += 1
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, self._score_safely, inp)
+        t0 = time.perf_counter()
+        if self._batch_s < _INLINE_BELOW_S:
+            result = self._score_safely(inp)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._score_safely, inp)
+        self._batch_s = 0.8 * self._batch_s + 0.2 * (time.perf_counter() - t0)
         offset = 0
         for job in batch:
             k = len(job.inp)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -23,22 +24,90 @@ from rewards.core import MalformedRequest, ScoreInput
 
 _RANK = {pb.LAYOUT_NHWC: 4, pb.LAYOUT_NTHWC: 5}
 _ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+_IMAGES_TAG = bytes([(2 << 3) | 2])  # ScoreRequest.images: field 2, length-delimited
+_IMAGE_DATA_TAG = bytes([(1 << 3) | 2])  # ImageBatch.data: field 1, length-delimited
+_UNPARSEABLE = "cannot parse a sana_rl.reward.v1.ScoreRequest"
+_ZERO_COPY_BYTES = 1 << 20  # requests above this have their pixels viewed in place (_split_pixels)
 
 
 def decode_request(raw: bytes, *, accepts_video: bool) -> ScoreInput:
     """Parse and validate a serialized ScoreRequest. Raises MalformedRequest."""
+    pixels = None
+    if len(raw) > _ZERO_COPY_BYTES:
+        raw, pixels = _split_pixels(raw)
     try:
         msg = pb.ScoreRequest.FromString(raw)
     except DecodeError as exc:  # also what invalid UTF-8 in a prompt (a proto3 string) gives
         raise MalformedRequest(
-            f"cannot parse a sana_rl.reward.v1.ScoreRequest ({exc}): truncated or corrupt bytes, or a prompt "
-            "that is not valid UTF-8"
+            f"{_UNPARSEABLE} ({exc}): truncated or corrupt bytes, or a prompt that is not valid UTF-8"
         ) from None
-    return request_to_input(msg, accepts_video=accepts_video)
+    return request_to_input(msg, accepts_video=accepts_video, pixels=pixels)
 
 
-def request_to_input(msg: pb.ScoreRequest, *, accepts_video: bool) -> ScoreInput:
-    """Validate a parsed ScoreRequest and view its pixels as an array. Raises MalformedRequest."""
+def _split_pixels(raw: bytes) -> tuple[bytes, memoryview | None]:
+    """The request without its ImageBatch.data, and a view of those bytes inside `raw`.
+
+    Protobuf's parser copies a bytes field into its arena, and Python copies it again on reading it: for
+    16 images at 512 px, two fresh 12.6 MB buffers whose page faults cost about a fifth of a fast
+    scorer's time. Instead we walk the top-level fields and those of each `images` occurrence, hand the
+    parser everything except `data`, and view the last `data` in place (the last occurrence of a
+    singular field wins, as in protobuf). Small requests skip this: the walk costs more than the copy.
+    """
+    view = memoryview(raw)
+    keep: list[bytes | memoryview] = []
+    pixels = None
+    for field, wire_type, start, body, end in _fields(raw, 0, len(raw)):
+        if (field, wire_type) != (2, 2):
+            keep.append(view[start:end])
+            continue
+        inner: list[bytes | memoryview] = []
+        for f, w, s, b, e in _fields(raw, body, end):
+            if (f, w) == (1, 2):
+                pixels = view[b:e]
+            else:
+                inner.append(view[s:e])
+        rest = b"".join(inner)
+        keep += [_IMAGES_TAG, _varint(len(rest)), rest]
+    return b"".join(keep), pixels
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start, body start, end) of each field in buf[pos:end]."""
+    while pos < end:
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        wire_type = tag & 7
+        if wire_type == 0:
+            body, (_, pos) = pos, _read_varint(buf, pos)
+        elif wire_type == 2:
+            length, body = _read_varint(buf, pos)
+            pos = body + length
+        elif wire_type in (1, 5):
+            body, pos = pos, pos + (8 if wire_type == 1 else 4)
+        else:
+            raise MalformedRequest(f"{_UNPARSEABLE}: wire type {wire_type} at byte {start}")
+        if pos > end:
+            raise MalformedRequest(f"{_UNPARSEABLE}: truncated message")
+        yield tag >> 3, wire_type, start, body, pos
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64 and pos < len(buf):
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise MalformedRequest(f"{_UNPARSEABLE}: truncated or overlong varint")
+
+
+def request_to_input(
+    msg: pb.ScoreRequest, *, accepts_video: bool, pixels: bytes | memoryview | None = None
+) -> ScoreInput:
+    """Validate a parsed ScoreRequest and view its pixels (`msg.images.data`, or `pixels` when
+    decode_request took them out) as an array. Raises MalformedRequest."""
     rid = f"request {msg.request_id!r}: " if msg.request_id else ""
     if not msg.HasField("images"):
         raise MalformedRequest(f"{rid}images: missing")
@@ -63,7 +132,8 @@ def request_to_input(msg: pb.ScoreRequest, *, accepts_video: bool) -> ScoreInput
     if shape[-1] != 3:
         raise MalformedRequest(f"{rid}images.shape: last dimension must be 3 (RGB), got {list(shape)}")
     n = shape[0]
-    _check_bytes(rid + "images", len(img.data), n, math.prod(shape[1:]))
+    data = img.data if pixels is None else pixels  # each read of a bytes field copies it: read it once
+    _check_bytes(rid + "images", len(data), n, math.prod(shape[1:]))
     if len(msg.prompts) != n:
         what = f"item {len(msg.prompts)} has no prompt" if len(msg.prompts) < n else "more prompts than items"
         raise MalformedRequest(f"{rid}prompts: {len(msg.prompts)} prompts for {n} items ({what})")
@@ -73,7 +143,7 @@ def request_to_input(msg: pb.ScoreRequest, *, accepts_video: bool) -> ScoreInput
         )
     latents = _decode_latents(msg.latents, n, rid) if msg.HasField("latents") else None
     return ScoreInput(
-        images=np.frombuffer(img.data, dtype=np.uint8).reshape(shape),
+        images=np.frombuffer(data, dtype=np.uint8).reshape(shape),
         prompts=list(msg.prompts),
         item_ids=list(msg.item_ids) or [str(i) for i in range(n)],
         latents=latents,
@@ -105,12 +175,13 @@ def _decode_latents(t: pb.Tensor, n: int, rid: str) -> np.ndarray:
         raise MalformedRequest(f"{rid}latents.shape: {list(shape)} must start with N = {n}")
     if any(d <= 0 for d in shape):
         raise MalformedRequest(f"{rid}latents.shape: every dimension must be > 0, got {list(shape)}")
-    _check_bytes(rid + "latents", len(t.data), n, math.prod(shape[1:]) * _ITEMSIZE[t.dtype])
+    data = t.data
+    _check_bytes(rid + "latents", len(data), n, math.prod(shape[1:]) * _ITEMSIZE[t.dtype])
     if t.dtype == pb.DTYPE_BFLOAT16:
-        wide = np.frombuffer(t.data, dtype="<u2").astype(np.uint32) << 16
+        wide = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         return wide.view(np.float32).reshape(shape)
     dtype = "<f4" if t.dtype == pb.DTYPE_FLOAT32 else "<f2"
-    return np.frombuffer(t.data, dtype=dtype).astype(np.float32).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).astype(np.float32).reshape(shape)
 
 
 def encode_request(
@@ -126,20 +197,44 @@ def encode_request(
         raise ValueError(
             f"images: expected uint8 [N, H, W, 3] or [N, T, H, W, 3], got {images.dtype} {images.shape}"
         )
-    msg = pb.ScoreRequest(
-        request_id=request_id,
-        images=pb.ImageBatch(
-            data=np.ascontiguousarray(images).tobytes(),
-            shape=images.shape,
-            layout=pb.LAYOUT_NHWC if images.ndim == 4 else pb.LAYOUT_NTHWC,
-        ),
-        prompts=prompts,
-        item_ids=item_ids or [],
-    )
+    msg = pb.ScoreRequest(request_id=request_id, prompts=prompts, item_ids=item_ids or [])
+    # Fill the image field in place: building an ImageBatch first and nesting it copies the pixels again.
+    msg.images.data = np.ascontiguousarray(images).tobytes()
+    msg.images.shape.extend(images.shape)
+    msg.images.layout = pb.LAYOUT_NHWC if images.ndim == 4 else pb.LAYOUT_NTHWC
     if latents is not None:
         lat = np.ascontiguousarray(latents, dtype="<f4")
         msg.latents.CopyFrom(pb.Tensor(data=lat.tobytes(), dtype=pb.DTYPE_FLOAT32, shape=lat.shape))
     return msg
+
+
+def encode_request_bytes(
+    images: np.ndarray, prompts: list[str], *, item_ids: list[str] | None = None
+) -> bytes:
+    """The serialized ScoreRequest of encode_request, built with a single copy of the pixels.
+
+    Going through the message object copies 12.6 MB three times for 16 images at 512 px (tobytes, into
+    the message, out again when serializing), a third of the scoring time of a fast scorer. Here the
+    message is serialized without its pixels and the pixels follow as a second occurrence of `images`
+    holding only `data`: the protobuf wire format merges repeated occurrences of an embedded message
+    field, so every parser reads exactly the message encode_request builds (a test checks it).
+    """
+    head = encode_request(images[:, :0], prompts, item_ids=item_ids)
+    head.images.ClearField("shape")
+    head.images.shape.extend(images.shape)
+    pixels = np.ascontiguousarray(images).reshape(-1).data  # a view: the join below is the one copy
+    inner = _IMAGE_DATA_TAG + _varint(len(pixels))
+    outer = _IMAGES_TAG + _varint(len(inner) + len(pixels))
+    return b"".join([head.SerializeToString(), outer, inner, pixels])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def encode_response(batch: ScoreBatch, info: ScorerInfo, inp: ScoreInput) -> pb.ScoreResponse:

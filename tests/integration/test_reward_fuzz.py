@@ -27,7 +27,8 @@ def _rss_mb() -> float:
 
 
 def _valid(rng: random.Random) -> bytes:
-    n, size = rng.randint(1, 3), rng.choice([4, 8, 16])
+    # 1 in 8 above 1 MiB, which the server parses on its zero-copy path
+    n, size = rng.randint(1, 3), rng.choice([4, 8, 8, 16, 16, 16, 24, 400])
     images = np.frombuffer(rng.randbytes(n * size * size * 3), np.uint8).reshape(n, size, size, 3)
     return encode_request(images, ["a red circle"] * n, request_id="fuzz").SerializeToString()
 
@@ -35,8 +36,8 @@ def _valid(rng: random.Random) -> bytes:
 def _malformed(rng: random.Random, i: int) -> bytes:
     """One message of the i-th kind: a different way of being wrong each time."""
     kind = i % 9
-    if kind == 0:  # random bytes, often 1 MB (so ~60 MB would show if requests were kept)
-        return rng.randbytes(rng.choice([1, 100, 5000, 1 << 20, 1 << 20, 1 << 20]))
+    if kind == 0:  # random bytes, often 1.5 MB (so ~90 MB would show if requests were kept)
+        return rng.randbytes(rng.choice([1, 100, 5000, 3 << 19, 3 << 19, 3 << 19]))
     if kind == 1:  # a valid message cut short
         raw = _valid(rng)
         return raw[: rng.randrange(1, len(raw))]

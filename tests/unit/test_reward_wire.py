@@ -9,7 +9,13 @@ from sana_rl.reward.v1 import reward_pb2 as pb
 
 from rewards.base import ScoreBatch, ScorerInfo
 from rewards.core import MalformedRequest
-from rewards.wire import decode_request, decode_response, encode_request, encode_response
+from rewards.wire import (
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_request_bytes,
+    encode_response,
+)
 
 
 def _images(n: int = 3, size: int = 8) -> np.ndarray:
@@ -108,3 +114,43 @@ def test_response_round_trip_keeps_failures() -> None:
     np.testing.assert_allclose(back.extras["sub"], [0.1, 0.2, 0.3], rtol=1e-6)
     with pytest.raises(ValueError, match="malformed response"):
         decode_response(msg, 4)
+
+
+def _root(a: np.ndarray) -> object:
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+def test_big_requests_view_their_pixels_in_place_and_parse_like_protobuf() -> None:
+    images = np.random.default_rng(2).integers(0, 256, (3, 400, 400, 3), dtype=np.uint8)  # 1.4 MB
+    ids = ["a", "b", "c"]
+    canonical = encode_request(images, ["x", "ÿ", ""], item_ids=ids, request_id="big").SerializeToString()
+    compact = encode_request_bytes(images, ["x", "ÿ", ""], item_ids=ids)
+    assert pb.ScoreRequest.FromString(compact) == encode_request(images, ["x", "ÿ", ""], item_ids=ids)
+    for raw in (canonical, compact):
+        inp = decode_request(raw, accepts_video=False)
+        np.testing.assert_array_equal(inp.images, images)
+        assert inp.prompts == ["x", "ÿ", ""] and inp.item_ids == ids
+        assert _root(inp.images) is raw  # no copy of the pixels
+    # a later `images` occurrence merges into the first and its `data` wins, as protobuf has it
+    other = np.zeros_like(images)
+    twice = canonical + encode_request_bytes(other, [])[-(other.nbytes + 8) :]
+    np.testing.assert_array_equal(decode_request(twice, accepts_video=False).images, other)
+    assert pb.ScoreRequest.FromString(twice).images.data == other.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        (lambda raw: raw[:-10], "truncated message"),
+        (lambda raw: raw + b"\x0b", "wire type 3"),
+        (lambda raw: raw + b"\x80" * 11, "overlong varint"),
+        (lambda raw: raw + bytes([0x22, 1, 0xFF]), "not valid UTF-8"),
+        (lambda raw: raw + bytes([0x12, 3, 0x0A, 5, 0]), "truncated message"),  # images.data cut short
+    ],
+)
+def test_big_malformed_requests_are_refused(cut, expected: str) -> None:
+    raw = encode_request_bytes(np.zeros((2, 512, 512, 3), np.uint8), ["a", "b"])
+    with pytest.raises(MalformedRequest, match=expected):
+        decode_request(cut(raw), accepts_video=False)
