@@ -113,7 +113,7 @@ class RewardClientConfig:
     rewards: list[RewardSpec]
     max_concurrency: int = field(default=4, metadata={"ge": 1})
     """Calls in flight per service."""
-    hedge_after_s: float | None = None
+    hedge_after_s: float | None = field(default=None, metadata={"gt": 0.0})
     """Send a second copy of a call to another replica when the first has not answered by then."""
     backoff_initial_s: float = field(default=0.1, metadata={"gt": 0.0})
     backoff_max_s: float = field(default=5.0, metadata={"gt": 0.0})
@@ -447,7 +447,11 @@ class RewardClient:
     async def start(self) -> RewardClient:
         """Open channels and Describe every service (with retries); raises RewardServiceDown."""
         self._services = {s.name: _Service(s, self.cfg, self._closed) for s in self.cfg.rewards}
-        await _gather(*(svc.describe() for svc in self._services.values()))
+        try:
+            await _gather(*(svc.describe() for svc in self._services.values()))
+        except BaseException:
+            await self.close()
+            raise
         self._health = [asyncio.ensure_future(svc.watch_health()) for svc in self._services.values()]
         return self
 

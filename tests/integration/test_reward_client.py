@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from rewards.base import make_scorer
 from rewards.client import (
     RewardClient,
+    RewardClientClosed,
     RewardClientConfig,
     RewardClientSync,
     RewardRequestError,
@@ -314,3 +315,26 @@ def test_mutual_tls_round_trip(tmp_path: Path) -> None:
             await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_close_interrupts_retries_and_sigterm_stops_a_server_cleanly() -> None:
+    proc, address = _spawn()
+
+    async def main() -> None:
+        spec = _spec("jpeg", "jpeg_compressibility", address, max_attempts=100, retry_budget_s=60.0)
+        client = await RewardClient(RewardClientConfig(rewards=[spec], backoff_initial_s=0.5)).start()
+        proc.send_signal(signal.SIGTERM)  # graceful: drains, stops, exits 0
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10) == 0
+        pending = asyncio.ensure_future(client.score(_images(2), ["a", "b"]))
+        await asyncio.sleep(0.3)  # it is retrying now
+        t0 = time.perf_counter()
+        await client.close()
+        with pytest.raises(RewardClientClosed, match="client closed while retrying Score"):
+            await pending
+        assert time.perf_counter() - t0 < 1.0
+
+    try:
+        asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.wait()

@@ -166,3 +166,25 @@ def test_close_drains_queued_work_then_refuses() -> None:
             await core.score(_inp(1, 1))
 
     asyncio.run(main())
+
+
+def test_latents_reach_scorers_that_read_them() -> None:
+    class LatentModel(MeanModel):
+        def score(
+            self, images: np.ndarray, prompts: list[str], latents: np.ndarray | None = None
+        ) -> ScoreBatch:
+            assert latents is not None and latents.shape == (len(images), 2)
+            return ScoreBatch(scores={"mean": latents.sum(1).astype(np.float32)})
+
+    async def main() -> None:
+        core = _core(LatentModel(), max_wait_s=0.02)
+        await core.start()
+        a, b = _inp(2, 1), _inp(1, 1)
+        a.latents = np.array([[1, 2], [3, 4]], np.float32)
+        b.latents = np.array([[5, 6]], np.float32)
+        ra, rb = await asyncio.gather(core.score(a), core.score(b))  # coalesced, latents stacked alike
+        assert ra.scores["mean"].tolist() == [3, 7] and rb.scores["mean"].tolist() == [11]
+        assert core.stats.coalesced == 1
+        await core.close()
+
+    asyncio.run(main())
