@@ -31,6 +31,16 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
+def _e4m3_to_f32(bits):
+    # bits: int32 in 0..126 (block scales are non-negative and never NaN). Built from the bit pattern
+    # rather than with a float8 cast: Triton has no float8e4nv conversion before sm_89 (A100).
+    e = (bits >> 3) & 15
+    m = bits & 7
+    normal = ((e + 120) << 23) | (m << 20)  # fp32 exponent e - 7 + 127, mantissa m / 8
+    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, p_ptr, s_ptr, ts_ptr, b_ptr, o_ptr,
     M, N, K,
@@ -51,8 +61,8 @@ def _w4a16_kernel(
         w_mask = n_ok[:, None] & (kb < K // 2)[None, :]
         byte = tl.load(p_ptr + rn[:, None] * stride_pn + kb[None, :], mask=w_mask, other=0).to(tl.int32)
         # Elements 2j and 2j+1 share byte j and both sit in block (2j) // 16 = j // 8.
-        scale = tl.load(s_ptr + rn[:, None] * stride_sn + (kb // 8)[None, :], mask=w_mask, other=0.0)
-        scale = scale.to(tl.float32)
+        scale_bits = tl.load(s_ptr + rn[:, None] * stride_sn + (kb // 8)[None, :], mask=w_mask, other=0)
+        scale = _e4m3_to_f32(scale_bits.to(tl.int32))
         lo = _e2m1_to_f32(byte & 15) * scale
         hi = _e2m1_to_f32(byte >> 4) * scale
         w = tl.interleave(lo, hi)  # [BLOCK_N, BLOCK_K]: low nibble is the even column
@@ -93,7 +103,7 @@ def w4a16_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w4a16_kernel[grid](
-        x2, w.packed, w.block_scales, w.tensor_scale.reshape(1), bias if bias is not None else out, out,
+        x2, w.packed, w.block_scales.view(torch.uint8), w.tensor_scale.reshape(1), bias if bias is not None else out, out,
         m, n, k,
         x2.stride(0), x2.stride(1), w.packed.stride(0), w.block_scales.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
