@@ -245,8 +245,7 @@ def item_hashes(images: np.ndarray) -> list[bytes]:
 
 
 class _Replica:
-    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
-        self.address = address
+    def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
         self.stub = pb_grpc.RewardServiceStub(channel)
         # Score takes requests already serialized by wire.encode_request_bytes (one copy of the pixels).
@@ -269,7 +268,7 @@ class _Service:
         self.spec, self.cfg, self.closed = spec, cfg, closed
         token = Path(spec.token_file).read_text().strip() if spec.token_file else None
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.replicas = [_Replica(a, self._channel(a)) for a in spec.addresses]
+        self.replicas = [_Replica(self._channel(a)) for a in spec.addresses]
         self.sem = asyncio.Semaphore(cfg.max_concurrency)
         self.cache = ResultCache(cfg.cache_size)
         self.info = ScorerInfo(name=spec.scorer, version="", heads=[])
@@ -317,9 +316,9 @@ class _Service:
         per_item = images[0].nbytes + 64 + max((len(p.encode()) for p in prompts), default=0)
         step = max(1, min(self.info.max_batch or n, int(self.max_request_bytes * 0.9) // per_item))
         chunks = [todo[a : a + step] for a in range(0, len(todo), step)]
-        answers = await _gather(
-            *(self._score_chunk(images[idx], [prompts[i] for i in idx]) for idx in chunks)
-        )
+        # a run of consecutive items is sent from a view; only cache holes make a gathered copy
+        pick = lambda ix: images[ix[0] : ix[-1] + 1] if ix[-1] - ix[0] < len(ix) else images[ix]  # noqa: E731
+        answers = await _gather(*(self._score_chunk(pick(idx), [prompts[i] for i in idx]) for idx in chunks))
         for idx, (batch, version) in zip(chunks, answers):
             for j, i in enumerate(idx):
                 rows[i] = row = _Row(

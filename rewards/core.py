@@ -113,7 +113,7 @@ class ScoringCore:
             )
         self.model = model
         info = model.info()
-        self.info: ScorerInfo = replace(info, max_batch=min(max_batch, info.max_batch))
+        self.info: ScorerInfo = replace(info, max_batch=max(1, min(max_batch, info.max_batch)))
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.stats = BatcherStats()
@@ -241,7 +241,13 @@ class ScoringCore:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            await self._execute(batch, n)
+            try:
+                await self._execute(batch, n)
+            except Exception as exc:  # a bug here must fail these requests, not stall all later ones
+                log.exception("%s: batch of %d failed outside the scorer", self.info.name, n)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
 
     async def _execute(self, batch: list[_Job], n: int) -> None:
         inp = batch[0].inp if len(batch) == 1 else _stack([job.inp for job in batch])
