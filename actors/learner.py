@@ -469,7 +469,19 @@ class LearnerGroup:
             try:
                 results[rank] = ray.get(ready[0])
             except (RayActorError, RayTaskError) as exc:
-                raise LearnerFailed(rank, method, exc) from exc
+                failed, cause = rank, exc
+                # A dead rank breaks its peers' collectives too: name the rank that died, not a peer.
+                if not isinstance(exc, RayActorError) and pending:
+                    done, _ = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+                    for ref in done:
+                        try:
+                            ray.get(ref)
+                        except RayActorError as died:
+                            failed, cause = rank_of[ref], died
+                            break
+                        except RayTaskError:
+                            continue
+                raise LearnerFailed(failed, method, cause) from cause
         return results
 
     def _call(self, method: str, *args: Any) -> list[Any]:
