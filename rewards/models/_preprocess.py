@@ -75,7 +75,8 @@ def clip_pixels(
         )
         x = torch.from_numpy(resized).permute(0, 3, 1, 2).float().div_(255.0)
     elif resample == "tensor":
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+        # Arrays decoded from the wire are read-only; torch wants a writable buffer (copied only then).
+        x = torch.from_numpy(np.require(images, requirements="W")).permute(0, 3, 1, 2).float().div_(255.0)
         if (new_h, new_w) != (h, w):
             x = torch.nn.functional.interpolate(
                 x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True

@@ -104,7 +104,13 @@ def warping_errors(clips: np.ndarray, *, size: int, levels: int = 4) -> np.ndarr
     """uint8 [N, T, H, W, 3] -> float32 [N]: mean over consecutive pairs of the masked mean |warp(f_t+1) - f_t|
     in RGB units of [0, 1]; frames are first area-resized so the longer side is at most `size`."""
     n, t, h, w, _ = clips.shape
-    frames = torch.from_numpy(clips).reshape(n * t, h, w, 3).permute(0, 3, 1, 2).float() / 255.0
+    frames = (
+        torch.from_numpy(np.require(clips, requirements="W"))
+        .reshape(n * t, h, w, 3)
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255.0
+    )
     if max(h, w) > size:
         frames = F.interpolate(
             frames, size=(round(h * size / max(h, w)), round(w * size / max(h, w))), mode="area"
