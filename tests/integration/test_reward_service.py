@@ -265,3 +265,12 @@ def test_message_limits_are_deliberate() -> None:
             assert await _code(stub.Score(encode_request(images, ["p"] * 16))) == Code.RESOURCE_EXHAUSTED
 
     asyncio.run(main())
+
+
+def test_a_port_in_use_is_an_error_not_shared() -> None:
+    async def main() -> None:
+        async with serving(MeanModel()) as (running, _):
+            with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{running.port}"):
+                await start_server(MeanModel(), ServerConfig(port=running.port))
+
+    asyncio.run(main())
