@@ -288,10 +288,11 @@ def random_checkpoint(name: str, root: str | Path, *, native: bool = False, seed
         text = LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096)  # fmt: skip
     else:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)  # fmt: skip
-        text = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+        # Head widths of 32 and 64: small, yet within what vLLM's attention kernels accept (GPU test).
+        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=64)  # fmt: skip
+        text = LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
     size = vision.image_size
     pixels = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(

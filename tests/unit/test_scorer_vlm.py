@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def judge(folder: Path) -> RewardModel:
     return make_scorer("vlm", weights=str(folder), questions=QUESTIONS, batch_size=4)
+
+
+def _width(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["text_config"]["hidden_size"])
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +82,7 @@ def test_softmax_is_over_yes_and_no_only(folder: Path, tmp_path: Path) -> None:
     s = make_scorer("vlm", weights=str(tied)).score(_images(3), PROMPTS[:3]).scores["vlm"]
     np.testing.assert_allclose(s, 0.5, atol=1e-6)
     # Opposite rows: P(Yes) = sigmoid(2 h.v), and swapping the answer words gives 1 - P(Yes).
-    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(_width(folder), generator=torch.Generator().manual_seed(1))
     opposite = _edit_lm_head(folder, tmp_path / "opposite", {"Yes": v, "No": -v})
     yes = make_scorer("vlm", weights=str(opposite)).score(_images(3), PROMPTS[:3]).scores["vlm"]
     no = (
@@ -95,9 +100,9 @@ def test_number_mode_parses_and_fails_items_honestly(folder: Path, tmp_path: Pat
     from PIL import Image
     from transformers import AutoTokenizer
 
-    v = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 5
+    v = torch.randn(_width(folder), generator=torch.Generator().manual_seed(2)) * 5
     rows: dict[str, torch.Tensor | str] = dict.fromkeys(
-        AutoTokenizer.from_pretrained(folder).get_vocab(), torch.zeros(32)
+        AutoTokenizer.from_pretrained(folder).get_vocab(), torch.zeros(len(v))
     )
     images = _images(4, seed=5)
     seen: set[int] = set()
