@@ -1,0 +1,168 @@
+"""Rollout generation: quantized policy copies, a prompt-embedding cache and the image decoder.
+
+`RolloutEngine` is the transport-free core (also used in-process for evaluation in SFT/pretraining);
+`RolloutGenerator` is the Ray actor around it. Generation is a pure function of (weights version,
+prompts, seeds, steps, precision), so Ray may deliver a call twice without harm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.records import Rollouts, WeightSnapshot
+from kernels.quantize import Format, QuantConfig, quantize_policy, requantize_
+from policy.codecs import CodecConfig, build_image_codec, build_text_encoder, to_uint8
+from policy.flow import SamplerConfig, sample
+from policy.sana import ModelConfig, SanaDiT, build_policy
+
+
+class StaleWeights(RuntimeError):
+    """The generator holds another policy version than the caller expects (e.g. after a restart)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateRequest:
+    """One generator call: N samples, grouped by prompt."""
+
+    prompts: list[str]  # [N]
+    seeds: list[int]  # [N]
+    group_ids: list[int]  # [N]
+    steps: int
+    precision: Format
+    expect_version: int
+    """The policy version the caller believes the generator holds; a mismatch raises StaleWeights."""
+    return_trajectory: bool = False
+    noise_level: float | None = None
+    """Overrides the sampler's SDE noise level (GRPO rollouts); None keeps the recipe's."""
+
+
+class RolloutEngine:
+    """Holds the full-precision policy, quantized copies per format, the codecs and the text cache."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        codec_cfg: CodecConfig,
+        sampler_cfg: SamplerConfig,
+        quant_cfg: QuantConfig,
+        formats: list[Format],
+    ) -> None:
+        torch.set_grad_enabled(False)
+        self.sampler_cfg = sampler_cfg
+        self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).eval()
+        self.text_encoder = build_text_encoder(codec_cfg)
+        self.codec = build_image_codec(codec_cfg)
+        arch = self.policy.cfg
+        side = codec_cfg.image_size // (self.codec.downsample)
+        self.latent_shape = (arch.in_channels, side, side)
+        self.quant_cfg = quant_cfg
+        self.copies: dict[str, torch.nn.Module] = {}
+        self.formats = sorted(set(formats))
+        self.version = -1
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def load_weights(self, snapshot: WeightSnapshot) -> int:
+        """Load a full state dict and re-quantize every rollout copy (in place after the first time)."""
+        self.policy.load_state_dict(snapshot.state)
+        for fmt in self.formats:
+            if fmt == "bf16":
+                continue
+            if fmt not in self.copies:
+                self.copies[fmt], _ = quantize_policy(self.policy, replace(self.quant_cfg, fmt=fmt))
+            else:
+                requantize_(self.copies[fmt], self.policy.state_dict())
+        self.version = snapshot.policy_version
+        return self.version
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings [N, L, Dc] and masks [N, L], memoised: the text encoder is frozen."""
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            emb, mask = self.text_encoder.encode(missing)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = (emb[i], mask[i])
+        return (
+            torch.stack([self._text_cache[p][0] for p in prompts]),
+            torch.stack([self._text_cache[p][1] for p in prompts]),
+        )
+
+    def generate(self, req: GenerateRequest) -> Rollouts:
+        if req.expect_version != self.version:
+            raise StaleWeights(
+                f"generator holds policy version {self.version}, caller expects {req.expect_version}"
+            )
+        if not (len(req.prompts) == len(req.seeds) == len(req.group_ids)):
+            raise ValueError("prompts, seeds and group_ids must have the same length")
+        model = self.policy if req.precision == "bf16" else self.copies[req.precision]
+        text, mask = self.encode(req.prompts)
+        cfg = replace(self.sampler_cfg, steps=req.steps)
+        if req.noise_level is not None:
+            cfg = replace(cfg, noise_level=req.noise_level)
+        uncond = None
+        if cfg.guidance_scale != 1.0:
+            ut, um = self.encode([""])
+            uncond = (ut.expand_as(text), um.expand_as(mask))
+        result = sample(
+            model,
+            seeds=req.seeds,
+            text=text,
+            text_mask=mask,
+            cfg=cfg,
+            latent_shape=self.latent_shape,
+            uncond_text=uncond[0] if uncond else None,
+            uncond_mask=uncond[1] if uncond else None,
+            return_trajectory=req.return_trajectory,
+        )
+        images = to_uint8(self.codec.decode(result.x0))
+        return Rollouts(
+            policy_version=self.version,
+            precision=req.precision,
+            steps=req.steps,
+            prompts=list(req.prompts),
+            group_ids=torch.tensor(req.group_ids, dtype=torch.int64),
+            seeds=torch.tensor(req.seeds, dtype=torch.int64),
+            text=text,
+            text_mask=mask,
+            latents=result.x0.float(),
+            images=np.ascontiguousarray(images),
+            trajectory=result.trajectory,
+            sigmas=result.sigmas,
+            log_probs=result.log_probs,
+            sde_mask=result.sde_mask,
+        )
+
+
+class RolloutGeneratorActor:
+    """Ray actor shell around RolloutEngine; created as `generator-{i}` by the controller."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        torch.set_num_threads(max(1, int(kwargs.pop("num_threads", 1))))
+        self.engine = RolloutEngine(*args, **kwargs)
+        self.images_generated = 0
+        self.seconds = 0.0
+
+    def ready(self) -> int:
+        return self.engine.version
+
+    def load_weights(self, snapshot: WeightSnapshot) -> int:
+        return self.engine.load_weights(snapshot)
+
+    def generate(self, req: GenerateRequest) -> Rollouts:
+        t0 = time.perf_counter()
+        out = self.engine.generate(req)
+        self.seconds += time.perf_counter() - t0
+        self.images_generated += len(out)
+        return out
+
+    def stats(self) -> dict[str, float]:
+        return {"images": float(self.images_generated), "seconds": self.seconds}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

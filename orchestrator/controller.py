@@ -1,0 +1,329 @@
+"""The controller: the only code that knows the order of the dataflow.
+
+    prompts -> generators (stage 1: low precision, few steps) -> rewards -> select K of N
+            -> generators (stage 2: BF16, full steps) -> rewards -> advantages -> learner
+            -> weight sync (versioned) -> generators ...
+
+SFT and pretraining skip the generators and reward services: dataset batches go straight to the
+learner. Actors never call each other; everything below is wired here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.records import Rewards, Rollouts, TrainBatch
+from orchestrator.config import RL_MODES, RunConfig
+from orchestrator.roles import Roles, start_roles
+from orchestrator.rollout import dpo_batch, grpo_batch, keep_seeds, nft_batch
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """The run stopped for a reason the user must see (skip rate, lost service, failed learner)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Counters:
+    """What went wrong and was handled; saved with checkpoints and reported at the end."""
+
+    skipped_steps: int = 0
+    skipped_items: int = 0
+    seen_items: int = 0
+    stale_dropped: int = 0
+    learner_restores: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, items: int = 0) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.skipped_items += items
+
+
+class Controller:
+    """Runs one recipe to completion on an already-connected Ray cluster."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.step = 0
+        self.version = 0
+        self.rng = torch.Generator().manual_seed(cfg.run.seed)
+        self.counters = Counters()
+        self.roles: Roles | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def run(self, resume: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.roles = roles = start_roles(cfg, self.run_dir)
+        try:
+            if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+                self._restore(ckpt)
+            self._sync()
+            before = self._evaluate("before") if self.step == 0 else {}
+            while self.step < cfg.run.steps:
+                metrics = self._guarded_step()
+                self.step += 1
+                metrics["step"] = float(self.step)
+                self.history.append(metrics)
+                roles.metrics.log(self.step, metrics)
+                roles.progress.update(self.step, metrics)
+                self._check_skip_rate()
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
+                    self._evaluate(f"step{self.step}")
+                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                    self._checkpoint()
+            after = self._evaluate("after")
+            self._checkpoint()
+            roles.learners.export_diffusers(str(self.run_dir / "export"))
+            summary = {
+                "steps": self.step,
+                "wall_s": time.perf_counter() - t_start,
+                "before": before,
+                "after": after,
+                "counters": _asdict(self.counters),
+                "generator": _asdict(roles.pool.stats) if roles.pool else {},
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            return summary
+        finally:
+            roles.shutdown()
+
+    # ---------------------------------------------------------------- one step
+    def _guarded_step(self) -> dict[str, float]:
+        from actors.learner import LearnerFailed
+
+        assert self.roles is not None
+        try:
+            return self._train_step()
+        except LearnerFailed as exc:
+            if (
+                self.cfg.run.on_learner_failure == "stop"
+                or self.counters.learner_restores >= self.cfg.run.max_restores
+            ):
+                self._checkpoint_if_possible()
+                raise RunFailed(f"learner failed at step {self.step}: {exc}") from exc
+            ckpt = latest_checkpoint(self.run_dir)
+            log.warning("learner failed (%s); restoring all ranks from %s", exc, ckpt)
+            self.counters.learner_restores += 1
+            self.roles.learners.restart()
+            if ckpt is not None:
+                self._restore(ckpt)  # else the restarted ranks start from model.pretrained again
+            self._sync()
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float]:
+        assert self.roles is not None
+        t0 = time.perf_counter()
+        batch, metrics = self._make_batch() if self.cfg.run.mode in RL_MODES else self._dataset_batch()
+        t1 = time.perf_counter()
+        if batch is None:
+            self.counters.skipped_steps += 1
+            self.counters.skip("no_signal")
+            metrics["skipped"] = 1.0
+            return metrics
+        fb = self.roles.learners.forward_backward(batch)
+        version, om = self.roles.learners.optim_step()
+        t2 = time.perf_counter()
+        if om.get("skipped", 0.0):
+            self.counters.skipped_steps += 1
+            self.counters.skip("non_finite_grad")
+        self.version = version
+        self._sync()
+        t3 = time.perf_counter()
+        metrics.update({f"learner/{k}": v for k, v in {**fb, **om}.items()})
+        metrics.update({"time/rollout_s": t1 - t0, "time/learn_s": t2 - t1, "time/sync_s": t3 - t2})
+        return metrics
+
+    def _dataset_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
+        assert self.roles is not None
+        images, captions = self.roles.data.next_images(self.cfg.learner.batch_size)
+        engine = self.roles.local_engine
+        x0 = engine.codec.encode(_from_uint8(images))
+        text, mask = engine.encode(captions)
+        return TrainBatch(
+            kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=self._seed()
+        ), {}
+
+    def _make_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
+        """Sample, score and select according to the mode; returns the learner's batch."""
+        assert self.roles is not None and self.roles.pool is not None
+        cfg, ro, pool = self.cfg, self.cfg.rollout, self.roles.pool
+        world = self.roles.learners.world
+        prompts = self.roles.data.next_prompts(ro.prompts_per_step)
+        first_group = self.step * ro.prompts_per_step
+        n = ro.num_seeds if cfg.run.mode != "grpo" else ro.keep
+        group_ids = [first_group + i for i in range(len(prompts)) for _ in range(n)]
+        seeds = [self._seed() for _ in group_ids]
+        flat_prompts = [p for p in prompts for _ in range(n)]
+        metrics: dict[str, float] = {}
+        if cfg.run.mode == "grpo":
+            roll = pool.generate(
+                flat_prompts, seeds, group_ids, steps=ro.final_steps, precision=ro.final_precision,
+                return_trajectory=True, noise_level=cfg.loss.grpo.noise_level,
+            )  # fmt: skip
+            rew = self._score(roll, "final", metrics)
+            steps = grpo_train_steps(roll, cfg.loss.grpo.train_fraction, self.rng)
+            batch, m = grpo_batch(
+                roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed(), train_steps=steps
+            )
+            return batch, {**metrics, **m}
+        roll = pool.generate(
+            flat_prompts, seeds, group_ids, steps=ro.preview_steps, precision=ro.preview_precision
+        )
+        rew = self._score(roll, "preview", metrics)
+        if cfg.run.mode == "dpo":
+            batch, m = dpo_batch(roll, rew, world=world, seed=self._seed())
+            return batch, {**metrics, **m}
+        keep = keep_seeds(roll, rew, keep=ro.keep, how=ro.selection, generator=self.rng)
+        if ro.two_stage:
+            kept = roll.select(keep)
+            roll = pool.generate(
+                kept.prompts, kept.seeds.tolist(), kept.group_ids.tolist(),
+                steps=ro.final_steps, precision=ro.final_precision,
+            )  # fmt: skip
+            rew = self._score(roll, "final", metrics)
+        else:
+            roll, rew = roll.select(keep), rew.select(keep)
+        batch, m = nft_batch(roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed())
+        return batch, {**metrics, **m}
+
+    def _score(self, roll: Rollouts, stage: str, metrics: dict[str, float]) -> Rewards:
+        assert self.roles is not None
+        t0 = time.perf_counter()
+        rew = self.roles.rewards.score(roll.images, roll.prompts)
+        dt = time.perf_counter() - t0
+        bad = int((~rew.ok).sum())
+        self.counters.seen_items += len(roll)
+        if bad:
+            self.counters.skip("reward_failed", bad)
+        ok = rew.ok
+        metrics[f"{stage}/reward_mean"] = float(rew.total[ok].mean()) if ok.any() else float("nan")
+        for name, vals in {**rew.per_scorer, **rew.extras}.items():
+            if ok.any():
+                metrics[f"{stage}/{name}"] = float(vals[ok].mean())
+        metrics[f"{stage}/images_per_s"] = (
+            len(roll) / max(self.roles.pool.stats.seconds, 1e-9) if self.roles.pool else 0.0
+        )
+        metrics[f"time/score_{stage}_s"] = dt
+        self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step)
+        return rew
+
+    # ---------------------------------------------------------------- sync, eval, checkpoints
+    def _sync(self) -> None:
+        assert self.roles is not None
+        snapshot = self.roles.learners.state_for_rollout()
+        self.version = snapshot.policy_version
+        self.roles.publish(snapshot)
+
+    def _evaluate(self, tag: str) -> dict[str, float]:
+        assert self.roles is not None
+        ev = self.cfg.eval
+        prompts = self.roles.data.eval_prompts(ev.num_prompts)
+        flat = [p for p in prompts for _ in range(ev.seeds_per_prompt)]
+        seeds = [ev.seed + i for i in range(len(flat))]
+        groups = [i // ev.seeds_per_prompt for i in range(len(flat))]
+        roll = self.roles.sample_eval(flat, seeds, groups, steps=ev.steps)
+        out: dict[str, float] = {}
+        if self.roles.rewards.available:
+            rew = self.roles.rewards.score(roll.images, roll.prompts)
+            ok = rew.ok
+            out["reward_mean"] = float(rew.total[ok].mean()) if ok.any() else float("nan")
+            for name, vals in {**rew.per_scorer, **rew.extras}.items():
+                out[name] = float(vals[ok].mean()) if ok.any() else float("nan")
+            self.roles.rollout_log.append(roll, rew, stage="eval", step=self.step)
+        self.roles.metrics.log(self.step, {f"eval/{k}": v for k, v in out.items()})
+        self.roles.save_grid(roll.images, roll.prompts, self.run_dir / "samples" / f"{tag}.png")
+        return out
+
+    def _seed(self) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng))
+
+    def _check_skip_rate(self) -> None:
+        c, limit = self.counters, self.cfg.run.max_skip_rate
+        step_rate = c.skipped_steps / max(self.step, 1)
+        item_rate = c.skipped_items / max(c.seen_items, 1)
+        if self.step >= 4 and (step_rate > limit or item_rate > limit):
+            self._checkpoint_if_possible()
+            raise RunFailed(
+                f"skip rate over run.max_skip_rate={limit}: steps {step_rate:.0%}, items {item_rate:.0%} "
+                f"(causes: {c.reasons})"
+            )
+
+    def _checkpoint_if_possible(self) -> None:
+        try:
+            self._checkpoint()
+        except Exception:  # the run is already failing; keep the first error
+            log.exception("could not write a checkpoint while stopping")
+
+    def _checkpoint(self) -> None:
+        assert self.roles is not None
+        root = self.run_dir / "checkpoints"
+        final = root / f"step-{self.step:07d}"
+        if (final / "COMPLETE").exists():
+            return
+        tmp = root / f".tmp-step-{self.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.roles.learners.save(str(tmp / "learner"))
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "rng": self.rng.get_state().tolist(),
+            "data": self.roles.data.state(),
+            "rewards": self.roles.rewards.state(),
+            "counters": _asdict(self.counters),
+            "history": self.history,
+        }
+        (tmp / "controller.json").write_text(json.dumps(state))
+        (tmp / "COMPLETE").write_text("ok\n")
+        tmp.rename(final)  # atomic: a half-written checkpoint never has this name
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, ckpt: Path) -> None:
+        assert self.roles is not None
+        state = json.loads((ckpt / "controller.json").read_text())
+        self.roles.learners.load(str(ckpt / "learner"))
+        self.step, self.version = int(state["step"]), int(state["version"])
+        self.rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.roles.data.load_state(state["data"])
+        self.roles.rewards.load_state(state["rewards"])
+        self.counters = Counters(**state["counters"])
+        self.history = state["history"]
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose COMPLETE marker exists; temp folders are never returned."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def grpo_train_steps(roll: Rollouts, fraction: float, rng: torch.Generator) -> torch.Tensor:
+    """A random subset of the SDE steps to train on (Flow-GRPO trains a fraction of the steps)."""
+    assert roll.sde_mask is not None
+    sde = torch.nonzero(roll.sde_mask).flatten()
+    k = max(1, round(fraction * sde.numel()))
+    return torch.sort(sde[torch.randperm(sde.numel(), generator=rng)[:k]]).values
+
+
+def _from_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)

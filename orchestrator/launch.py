@@ -1,0 +1,153 @@
+"""From a loaded recipe to a finished run: input checks, dry run, cluster, run directory, controller.
+
+Everything that can be wrong with the input is checked before any actor starts, and reported as
+`BadInput` (the CLI exits 2): missing weight or data paths, resources the cluster does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import RunConfig, dump_config, load_recipe
+from orchestrator.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class BadInput(ValueError):
+    """The recipe asks for something that does not exist here; the message names the field."""
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Every local path the recipe names must exist (weights are never downloaded)."""
+    fields: dict[str, str | None] = {
+        "model.pretrained": cfg.model.pretrained,
+        "codec.text_encoder_path": cfg.codec.text_encoder_path,
+        "codec.image_codec_path": cfg.codec.image_codec_path,
+    }
+    fields.update({f"data.{k}": v for k, v in cfg.data.paths().items()})
+    for i, spec in enumerate(cfg.rewards):
+        for key in ("token_file", "tls_ca", "python"):
+            fields[f"rewards[{i}].{key}"] = getattr(spec, key)
+        weights = spec.scorer_kwargs.get("weights")
+        if isinstance(weights, str):
+            fields[f"rewards[{i}].scorer_kwargs.weights"] = weights
+    for name, value in fields.items():
+        if value and not Path(value).exists():
+            raise BadInput(f"{name}: {value} does not exist")
+    if cfg.codec.text_encoder == "gemma" and not cfg.codec.text_encoder_path:
+        raise BadInput("codec.text_encoder_path: gemma needs a local path")
+    if cfg.codec.image_codec == "dcae" and not cfg.codec.image_codec_path:
+        raise BadInput("codec.image_codec_path: dcae needs a local path")
+
+
+def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool | None = None) -> int:
+    """Run `cfg` (and, first, the recipe it starts from when that has not finished). Returns 0."""
+    from orchestrator.placement import describe, plan_for
+
+    if cfg.run.init_recipe:
+        base = load_recipe(recipe.parent / cfg.run.init_recipe)
+        if dry_run:
+            print(f"# first: {cfg.run.init_recipe} (skipped when it has finished)")
+        elif not _finished(base):
+            print(f"== stage 1: {base.run.name} ({base.run.mode}) from {cfg.run.init_recipe}")
+            launch(base, recipe=recipe.parent / cfg.run.init_recipe, resume=resume)
+        else:
+            print(f"== {base.run.name}: finished earlier, reusing {base.output_dir}")
+        if cfg.run.init_from is None:
+            cfg.run.init_from = str(base.output_dir)
+    if cfg.run.init_from and not dry_run:
+        cfg.model.pretrained = str(init_weights(Path(cfg.run.init_from)))
+    check_paths(cfg)
+    plan = plan_for(cfg)
+    if dry_run:
+        print(describe(plan))
+        print(dump_config(cfg))
+        return 0
+    _connect(cfg)
+    try:
+        import ray
+
+        from orchestrator.placement import check_feasible
+
+        try:
+            check_feasible(plan, ray.cluster_resources())
+        except ConfigError as exc:
+            raise BadInput(str(exc)) from None
+        run_dir = cfg.output_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        from orchestrator.controller import Controller, latest_checkpoint
+
+        if resume is None:  # default: continue when there is a complete checkpoint
+            resume = latest_checkpoint(run_dir) is not None
+        print(f"== {cfg.run.name}: {cfg.run.mode}, {cfg.run.steps} steps -> {run_dir}")
+        summary = Controller(cfg, run_dir).run(resume=resume)
+        print_summary(cfg, summary, run_dir)
+        return 0
+    finally:
+        _disconnect(cfg)
+
+
+def init_weights(path: Path) -> Path:
+    """`run.init_from` names a finished run directory (its diffusers export) or a diffusers directory.
+    Only weights carry over: the new run gets a fresh optimizer and its own learning rate."""
+    for candidate in (path / "export", path):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise BadInput(f"run.init_from: {path} holds neither export/config.json nor config.json")
+
+
+def _finished(cfg: RunConfig) -> bool:
+    return (cfg.output_dir / "summary.json").exists()
+
+
+_STARTED_HERE: list[bool] = []
+
+
+def _connect(cfg: RunConfig) -> None:
+    import ray
+
+    from orchestrator.cluster import start_local
+
+    if ray.is_initialized():
+        _STARTED_HERE.append(False)
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    else:
+        start_local(cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
+    _STARTED_HERE.append(True)
+
+
+def _disconnect(cfg: RunConfig) -> None:
+    import ray
+
+    if _STARTED_HERE and _STARTED_HERE.pop():
+        ray.shutdown()
+
+
+def print_summary(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
+    """The table a run ends with: evaluation before and after, steps, wall time, outputs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    before, after = summary.get("before", {}), summary.get("after", {})
+    table = Table(title=f"{cfg.run.name} ({cfg.run.mode})")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        table.add_row(key, "-" if b is None else f"{b:.3f}", "-" if a is None else f"{a:.3f}")
+    table.add_row("steps", "", str(summary["steps"]))
+    table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"outputs: {run_dir}/ (samples/*.png, metrics.jsonl, reward_curve.png, config.yaml, checkpoints/)"
+    )

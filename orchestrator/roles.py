@@ -1,0 +1,226 @@
+"""Starting and wiring the run's roles: learner ranks, generator replicas, reward services, data.
+
+The controller asks for `start_roles(cfg, run_dir)` and gets plain handles back; it never deals with
+actor options, placement bundles or event loops. Names show up in the Ray dashboard:
+`learner-rank0`, `generator-0`, `reward-<name>-0`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.generator import GenerateRequest, RolloutEngine, RolloutGeneratorActor
+from actors.learner import LearnerGroup
+from actors.records import Rewards, Rollouts, WeightSnapshot
+from orchestrator.config import RL_MODES, RunConfig
+from orchestrator.rollout import GeneratorPool
+
+log = logging.getLogger(__name__)
+
+
+class DataFeed:
+    """The run's data sources behind the few calls the controller makes; resumable."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        data = cfg.data
+        self.prompts = data.prompt_source() if cfg.run.mode in RL_MODES else None
+        self.images = (
+            data.dataset_source(cfg.codec.image_size) if cfg.run.mode in ("sft", "pretrain") else None
+        )
+        self._eval: list[str] | None = data.read_eval_prompts() if data.eval_prompts else None
+
+    def next_prompts(self, n: int) -> list[str]:
+        assert self.prompts is not None
+        return self.prompts.next_batch(n).prompts
+
+    def next_images(self, n: int) -> tuple[np.ndarray, list[str]]:
+        assert self.images is not None
+        batch = self.images.next_batch(n)
+        return batch.images, batch.captions
+
+    def eval_prompts(self, n: int) -> list[str]:
+        """The first n fixed evaluation prompts (data.eval_prompts, else the head of the prompt file)."""
+        if self._eval is None:
+            source = self.prompts or self.images
+            assert source is not None
+            head = replace_source_order(source)
+            self._eval = head
+        return self._eval[:n]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            k: s.state() for k, s in (("prompts", self.prompts), ("images", self.images)) if s is not None
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for key, source in (("prompts", self.prompts), ("images", self.images)):
+            if source is not None and key in state:
+                source.load_state(state[key])
+
+
+def replace_source_order(source: Any) -> list[str]:
+    """Prompts for evaluation from a training source's first epoch, without moving its position."""
+    saved = source.state()
+    rows = source.read_epoch()
+    source.load_state(saved)
+    return [r if isinstance(r, str) else r[1] for r in rows[:256]]
+
+
+class RewardScorer:
+    """The run's combined reward over gRPC; `available` is False when the recipe names none."""
+
+    def __init__(self, specs: list[Any]) -> None:
+        from rewards.client import RewardClientConfig, RewardClientSync
+
+        self.available = bool(specs)
+        self._client = RewardClientSync(RewardClientConfig(rewards=specs)) if specs else None
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> Rewards:
+        assert self._client is not None, "no reward configured"
+        return self._client.score_sync(images, prompts).to_record()
+
+    def state(self) -> dict[str, Any]:
+        return self._client.state() if self._client else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self._client:
+            self._client.load_state(state)
+
+    def close(self) -> None:
+        if self._client:
+            self._client.close()
+
+
+@dataclass(kw_only=True)
+class Roles:
+    """Handles to everything a run uses."""
+
+    cfg: RunConfig
+    learners: LearnerGroup
+    pool: GeneratorPool | None
+    local_engine: RolloutEngine | None
+    rewards: RewardScorer
+    data: DataFeed
+    metrics: Any
+    progress: Any
+    rollout_log: Any
+    placement_group: Any = None
+    reward_hosts: list[Any] = field(default_factory=list)
+
+    def publish(self, snapshot: WeightSnapshot) -> None:
+        """Versioned weight sync: one object-store copy, loaded (and re-quantized) by every generator."""
+        if self.pool is not None:
+            import ray
+
+            self.pool.load(ray.put(snapshot), snapshot.policy_version)
+        if self.local_engine is not None:
+            self.local_engine.load_weights(snapshot)
+
+    def sample_eval(self, prompts: list[str], seeds: list[int], groups: list[int], *, steps: int) -> Rollouts:
+        """Deterministic ODE samples from the full-precision policy (fixed prompts and seeds)."""
+        if self.pool is not None:
+            return self.pool.generate(prompts, seeds, groups, steps=steps, precision="bf16", noise_level=0.0)
+        assert self.local_engine is not None
+        req = GenerateRequest(
+            prompts=prompts, seeds=seeds, group_ids=groups, steps=steps, precision="bf16",
+            expect_version=self.local_engine.version, noise_level=0.0,
+        )  # fmt: skip
+        return self.local_engine.generate(req)
+
+    def save_grid(self, images: np.ndarray, captions: list[str], path: Path) -> None:
+        from orchestrator.metrics import save_grid
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, captions, path)
+        self.metrics.log_image(path.stem, path)
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.progress.close()
+        self.rollout_log.close()
+        self.metrics.close()
+        self.rewards.close()
+        for host in self.reward_hosts:
+            try:
+                ray.get(host.stop.remote(), timeout=30)
+            except Exception:  # already gone; nothing left to drain
+                log.debug("reward host did not stop cleanly", exc_info=True)
+        self.learners.shutdown()
+        if self.pool is not None:
+            for h in self.pool.handles:
+                ray.kill(h)
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+
+
+def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
+    """Place and start every role the run's mode needs; returns when all are ready."""
+    import ray
+
+    from orchestrator.metrics import MetricsLogger
+    from orchestrator.placement import create_placement_group, plan_for, scheduling_strategy
+    from orchestrator.progress import Progress
+    from orchestrator.rollout_log import RolloutLog
+
+    plan = plan_for(cfg)
+    pg = create_placement_group(plan)
+    res = cfg.resources
+    rl = cfg.run.mode in RL_MODES
+
+    hosts, specs = [], []
+    for spec in cfg.rewards:
+        if spec.address or spec.replicas:
+            specs.append(spec)
+            continue
+        from actors.reward_host import launch_reward_host
+
+        host = launch_reward_host(
+            spec, num_cpus=res.reward_cpus, num_gpus=res.reward_gpus, name=f"reward-{spec.name}-0",
+            scheduling_strategy=scheduling_strategy(plan, pg, "reward", len(hosts)),
+        )  # fmt: skip
+        hosts.append(host)
+        specs.append(replace(spec, address=ray.get(host.start.remote())))
+
+    learners = LearnerGroup(
+        world_size=res.learner_ranks, model_cfg=cfg.model, learner_cfg=cfg.learner, loss_cfg=cfg.loss,
+        seed=cfg.run.seed, placement_group=pg, bundle_indices=plan.indices("learner"),
+        num_cpus_per_rank=res.learner_cpus, num_gpus_per_rank=res.learner_gpus,
+    )  # fmt: skip
+
+    pool, engine = None, None
+    if rl:
+        formats = sorted({cfg.rollout.preview_precision, cfg.rollout.final_precision, "bf16"})
+        actor = ray.remote(RolloutGeneratorActor)
+        handles = [
+            actor.options(
+                name=f"generator-{i}", num_cpus=res.generator_cpus, num_gpus=res.generator_gpus,
+                max_restarts=4, max_task_retries=0,
+                scheduling_strategy=scheduling_strategy(plan, pg, "generator", i),
+            ).remote(cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats, num_threads=res.generator_threads)
+            for i in range(res.generators)
+        ]  # fmt: skip
+        ray.get([h.ready.remote() for h in handles])
+        pool = GeneratorPool(handles=handles)
+    else:
+        # SFT / pretraining start no generators: captions are encoded and evaluation sampled here.
+        engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"])
+
+    return Roles(
+        cfg=cfg,
+        learners=learners,
+        pool=pool,
+        local_engine=engine,
+        rewards=RewardScorer(specs),
+        data=DataFeed(cfg),
+        metrics=MetricsLogger(cfg.logging, run_dir, run_name=cfg.run.name),
+        progress=Progress(cfg.logging, total=cfg.run.steps, stage=cfg.run.mode),
+        rollout_log=RolloutLog(run_dir / "rollouts"),
+        placement_group=pg,
+        reward_hosts=hosts,
+    )

@@ -1,0 +1,235 @@
+"""The RL rollout stage: fan generation out to generator replicas, score, select, build a TrainBatch.
+
+Generator replicas may die mid-call: Ray restarts them (`max_restarts`), and this pool reloads the
+current weights into the restarted replica and regenerates the lost groups. Generation is a pure
+function of (version, prompts, seeds), so a repeated call returns the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.generator import GenerateRequest, StaleWeights
+from actors.records import Rewards, Rollouts, TrainBatch
+from kernels.quantize import Format
+from policy.advantage import group_advantages
+from policy.selection import best_worst_pairs, select_seeds
+
+log = logging.getLogger(__name__)
+
+
+class GenerationFailed(RuntimeError):
+    """A generator replica kept failing after its restarts were used up."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PoolStats:
+    restarts: int = 0
+    regenerated_groups: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class GeneratorPool:
+    """Generator replicas (Ray actor handles) that all hold the same policy version."""
+
+    handles: list[Any]
+    max_attempts: int = 4
+    version: int = -1
+    snapshot_ref: Any = None
+    stats: PoolStats = field(default_factory=PoolStats)
+
+    def load(self, snapshot_ref: Any, version: int) -> None:
+        """Send one weight snapshot (an object-store ref) to every replica; they re-quantize on receipt."""
+        import ray
+
+        got = ray.get([h.load_weights.remote(snapshot_ref) for h in self.handles])
+        if any(v != version for v in got):
+            raise RuntimeError(f"generators loaded versions {got}, expected {version}")
+        self.version, self.snapshot_ref = version, snapshot_ref
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        group_ids: list[int],
+        *,
+        steps: int,
+        precision: Format,
+        return_trajectory: bool = False,
+        noise_level: float | None = None,
+    ) -> Rollouts:
+        """Samples for every (prompt, seed); whole groups go to one replica so no group mixes versions."""
+
+        t0 = time.perf_counter()
+        groups = sorted(set(group_ids))
+        shards: list[list[int]] = [[] for _ in self.handles]
+        for i, g in enumerate(groups):
+            shards[i % len(self.handles)].append(g)
+        requests = []
+        for replica, shard in enumerate(shards):
+            rows = [i for i, g in enumerate(group_ids) if g in set(shard)]
+            if rows:
+                req = GenerateRequest(
+                    prompts=[prompts[i] for i in rows],
+                    seeds=[seeds[i] for i in rows],
+                    group_ids=[group_ids[i] for i in rows],
+                    steps=steps,
+                    precision=precision,
+                    expect_version=self.version,
+                    return_trajectory=return_trajectory,
+                    noise_level=noise_level,
+                )
+                requests.append((replica, req, len(shard)))
+        pending = {r: self.handles[r].generate.remote(req) for r, req, _ in requests}
+        parts: dict[int, Rollouts] = {}
+        for replica, req, n_groups in requests:
+            parts[replica] = self._collect(replica, req, pending[replica], n_groups)
+        out = Rollouts.concat([parts[r] for r, _, _ in requests])
+        order = torch.tensor(
+            [
+                i
+                for r, req, _ in requests
+                for i in (j for j, g in enumerate(group_ids) if g in set(req.group_ids))
+            ]
+        )
+        out = out.select(torch.argsort(order))  # back to the caller's order
+        self.stats.images += len(out)
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    def _collect(self, replica: int, req: GenerateRequest, ref: Any, n_groups: int) -> Rollouts:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        for attempt in range(self.max_attempts):
+            try:
+                return ray.get(ref)
+            except (RayActorError, RayTaskError) as exc:
+                stale = isinstance(exc, RayTaskError) and isinstance(exc.cause, StaleWeights)
+                if isinstance(exc, RayTaskError) and not stale:
+                    raise
+                if attempt + 1 == self.max_attempts:
+                    raise GenerationFailed(
+                        f"generator-{replica}: failed {self.max_attempts} times: {exc}"
+                    ) from exc
+                # The replica restarted without weights (or with old ones): reload, then regenerate.
+                self.stats.restarts += 1
+                self.stats.regenerated_groups += n_groups
+                log.warning(
+                    "generator-%d lost its work (%s); reloading v%d and regenerating",
+                    replica,
+                    exc,
+                    self.version,
+                )
+                self._reload(replica)
+                ref = self.handles[replica].generate.remote(req)
+        raise AssertionError("unreachable")
+
+    def _reload(self, replica: int) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + 120.0
+        while True:
+            try:
+                ray.get(self.handles[replica].load_weights.remote(self.snapshot_ref))
+                return
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def nft_batch(
+    rollouts: Rollouts, rewards: Rewards, *, std: str, world: int, seed: int
+) -> tuple[TrainBatch | None, dict[str, float]]:
+    """Advantages per group; zero-signal groups and failed items are dropped, the rest trimmed to
+    a multiple of the learner world size. None when nothing carries signal."""
+    adv = group_advantages(rewards.total, rollouts.group_ids, std=std, ok=rewards.ok)  # type: ignore[arg-type]
+    keep = torch.nonzero(adv.mask).flatten()
+    keep = keep[: (keep.numel() // world) * world]
+    metrics = {"zero_var_fraction": float(adv.zero_var_fraction), "trained_items": float(keep.numel())}
+    if keep.numel() == 0:
+        return None, metrics
+    r = rollouts.select(keep)
+    return (
+        TrainBatch(
+            kind="nft",
+            policy_version=r.policy_version,
+            x0=r.latents,
+            text=r.text,
+            text_mask=r.text_mask,
+            advantages=adv.advantages[keep],
+            seed=seed,
+        ),
+        metrics,
+    )
+
+
+def grpo_batch(
+    rollouts: Rollouts, rewards: Rewards, *, std: str, world: int, seed: int, train_steps: torch.Tensor
+) -> tuple[TrainBatch | None, dict[str, float]]:
+    """GRPO batch: the SDE trajectories with the rollout log-probs of the kept items."""
+    if rollouts.trajectory is None or rollouts.log_probs is None:
+        raise ValueError("GRPO needs rollouts sampled with return_trajectory=True")
+    adv = group_advantages(rewards.total, rollouts.group_ids, std=std, ok=rewards.ok)  # type: ignore[arg-type]
+    keep = torch.nonzero(adv.mask).flatten()
+    keep = keep[: (keep.numel() // world) * world]
+    metrics = {"zero_var_fraction": float(adv.zero_var_fraction), "trained_items": float(keep.numel())}
+    if keep.numel() == 0:
+        return None, metrics
+    r = rollouts.select(keep)
+    return (
+        TrainBatch(
+            kind="grpo",
+            policy_version=r.policy_version,
+            x0=r.latents,
+            text=r.text,
+            text_mask=r.text_mask,
+            advantages=adv.advantages[keep],
+            trajectory=r.trajectory,
+            sigmas=r.sigmas,
+            log_probs=r.log_probs,
+            train_steps=train_steps,
+            seed=seed,
+        ),
+        metrics,
+    )
+
+
+def dpo_batch(
+    rollouts: Rollouts, rewards: Rewards, *, world: int, seed: int
+) -> tuple[TrainBatch | None, dict[str, float]]:
+    """Online Diffusion-DPO: best vs worst of each group."""
+    win, lose = best_worst_pairs(rewards.total, rollouts.group_ids, rewards.ok)
+    n = (win.numel() // world) * world
+    metrics = {"pairs": float(n)}
+    if n == 0:
+        return None, metrics
+    w, lo = rollouts.select(win[:n]), rollouts.select(lose[:n])
+    return (
+        TrainBatch(
+            kind="dpo",
+            policy_version=w.policy_version,
+            x0=w.latents,
+            x0_rejected=lo.latents,
+            text=w.text,
+            text_mask=w.text_mask,
+            seed=seed,
+        ),
+        metrics,
+    )
+
+
+def keep_seeds(
+    rollouts: Rollouts, rewards: Rewards, *, keep: int, how: str, generator: torch.Generator
+) -> torch.Tensor:
+    """Stage-1 -> stage-2 selection (Sol-RL), by the cheap pass's rewards."""
+    return select_seeds(rewards.total, rollouts.group_ids, rewards.ok, keep, how, generator)  # type: ignore[arg-type]
