@@ -19,6 +19,7 @@ class MeanModel:
     def __init__(self, delay: float = 0.0, max_batch: int = 64) -> None:
         self.delay, self.max_batch = delay, max_batch
         self.sizes: list[int] = []
+        self.threads: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -29,6 +30,7 @@ class MeanModel:
         self.gate.wait(5)
         time.sleep(self.delay)
         self.sizes.append(len(images))
+        self.threads.append(threading.current_thread().name)
         if "boom" in prompts:
             raise RuntimeError("weights exploded")
         values = images.reshape(len(images), -1).mean(1).astype(np.float32) / 255
@@ -186,5 +188,21 @@ def test_latents_reach_scorers_that_read_them() -> None:
         assert ra.scores["mean"].tolist() == [3, 7] and rb.scores["mean"].tolist() == [11]
         assert core.stats.coalesced == 1
         await core.close()
+
+    asyncio.run(main())
+
+
+def test_fast_scorers_run_inline_slow_ones_on_the_scoring_thread() -> None:
+    async def main() -> None:
+        for delay, inline in ((0.0, True), (0.01, False)):
+            model = MeanModel(delay=delay)
+            core = _core(model, max_wait_s=0.0)
+            await core.start()
+            for v in range(4):
+                await core.score(_inp(1, v))
+            await core.close()
+            assert model.threads[0].startswith("score-mean")  # unknown cost: the thread first
+            on_loop = [name == threading.current_thread().name for name in model.threads[1:]]
+            assert on_loop == [inline] * 3, model.threads
 
     asyncio.run(main())
