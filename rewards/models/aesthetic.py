@@ -84,7 +84,7 @@ class AestheticPredictor:
         self.device = torch.device(device)
         for module in (self.vision, self.projection, self.head):
             module.to(self.device).eval()
-        self.size = int(model.config.vision_config.image_size)
+        self.size = int(model.config.vision_config.image_size)  # type: ignore[union-attr,arg-type]
         self.version = f"aesthetic/{head_path.stem}"
 
     def info(self) -> ScorerInfo:

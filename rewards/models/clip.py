@@ -46,7 +46,8 @@ class ClipSimilarity:
         path = existing(weights, f"{name}: weights")
         proc_path = existing(processor, f"{name}: processor") if processor else path
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(path, dtype=torch_dtype(dtype)).to(self.device).eval()
+        model = CLIPModel.from_pretrained(path, dtype=torch_dtype(dtype))
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         self.tokenizer = CLIPTokenizer.from_pretrained(proc_path)
         self.image_processor = CLIPImageProcessorPil.from_pretrained(proc_path)
         self.scale = None if scale is None else float(scale)
@@ -131,13 +132,13 @@ def random_checkpoint(name: str, root: str | Path, *, native: bool = False, seed
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    arch = _NATIVE[name] if native else _TINY
+    arch: dict[str, Any] = _NATIVE[name] if native else _TINY
     chars = list(bytes_to_unicode().values())
     # Byte-level vocabulary without merges: every text tokenizes, one token per character.
     names = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(names)}
     ids = {"vocab_size": len(vocab), "bos_token_id": len(vocab) - 2, "eos_token_id": len(vocab) - 1}
-    text_cfg = {**ids, **arch["text"]}  # type: ignore[dict-item]
+    text_cfg = {**ids, **arch["text"]}
     config = CLIPConfig(
         text_config=text_cfg, vision_config=arch["vision"], projection_dim=arch["projection_dim"]
     )
@@ -145,7 +146,7 @@ def random_checkpoint(name: str, root: str | Path, *, native: bool = False, seed
     folder = Path(root) / f"{name}-{'native' if native else 'tiny'}"
     CLIPModel(config).save_pretrained(folder)
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
-    size = int(config.vision_config.image_size)
+    size = int(arch["vision"]["image_size"])
     crop = {"height": size, "width": size}
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop).save_pretrained(folder)
     return {"weights": str(folder)}

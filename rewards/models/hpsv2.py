@@ -157,7 +157,7 @@ def open_clip_tokenizer(vocab_gz: Path) -> Any:
 
     # Exactly open_clip's construction: bytes, bytes + '</w>', merges, then the two special tokens.
     lines = gzip.open(vocab_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines if line]
+    merges: list[Any] = [tuple(line.split()) for line in lines if line]  # (left, right) pairs
     chars = list(bytes_to_unicode().values())
     names = [
         *chars,

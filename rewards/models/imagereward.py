@@ -85,7 +85,7 @@ class ImageRewardNet(nn.Module):
         # BLIP's ViT uses LayerNorm eps 1e-6 and exact GELU; is_decoder builds the cross-attention layers.
         self.vision = BlipVisionModel(BlipVisionConfig(layer_norm_eps=1e-6, hidden_act="gelu", **vision))
         # No generation here: BLIP's decoder token ids (defaults sized for BERT's vocabulary) are unused.
-        ids = dict(bos_token_id=None, sep_token_id=None, eos_token_id=None)
+        ids: dict[str, Any] = dict(bos_token_id=None, sep_token_id=None, eos_token_id=None)
         self.text = BlipTextModel(BlipTextConfig(is_decoder=True, **ids, **text), add_pooling_layer=False)
         self.mlp = nn.Sequential(OrderedDict(layers=preference_mlp(text["hidden_size"])))
 
@@ -151,7 +151,7 @@ class ImageReward:
         load_strict(net, state, f"imagereward: {ckpt}", lambda k: _rename(k, _BACK))
         # The only non-persistent buffer: positions 0..max-1 (left on meta by the assign-load above).
         emb = net.text.embeddings
-        emb.position_ids = torch.arange(emb.position_embeddings.num_embeddings).unsqueeze(0)
+        emb.position_ids = torch.arange(emb.position_embeddings.num_embeddings).unsqueeze(0)  # type: ignore[assignment]
         self.device = torch.device(device)
         self.net = net.to(self.device, torch_dtype(dtype)).eval()
         self.tokenizer = BertTokenizer.from_pretrained(
@@ -167,7 +167,7 @@ class ImageReward:
     @torch.inference_mode()
     def score(self, images: np.ndarray, prompts: list[str]) -> ScoreBatch:
         check_batch("imagereward", images, prompts)
-        dtype = self.net.mlp.layers[0].weight.dtype
+        dtype = self.net.text.embeddings.word_embeddings.weight.dtype
         pixels = clip_pixels(images, self.size, resample="pil").to(self.device, dtype)
         text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=_MAX_TOKENS,
                               return_tensors="pt")  # fmt: skip
@@ -183,6 +183,8 @@ def random_checkpoint(name: str, root: str | Path, *, native: bool = False, seed
     small BERT vocab) under `root`; return `make_scorer("imagereward", **kwargs)` arguments.
     `native`: ViT-L/16 + BERT-base as published (for timing), else tiny."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS]
+    vision: dict[str, Any]
+    med: dict[str, Any]
     if native:
         vision = dict(hidden_size=1024, patch_size=16, image_size=224, num_hidden_layers=24,
                       num_attention_heads=16, intermediate_size=4096)  # fmt: skip

@@ -61,7 +61,7 @@ class _Transformers:
         )
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype))
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' .to stub
         self.batch_size = batch_size
 
     def _chunks(self, images: list[Any], texts: list[str]) -> Any:
@@ -293,14 +293,14 @@ def random_checkpoint(name: str, root: str | Path, *, native: bool = False, seed
                                   num_attention_heads=2, image_size=32, patch_size=8, projection_dim=64)  # fmt: skip
         text = LlamaConfig(vocab_size=len(words), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)  # fmt: skip
-    size = vision.image_size
+    size = int(vision.image_size)  # type: ignore[arg-type]
     pixels = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
         image_processor=pixels,
         tokenizer=tokenizer, chat_template=_TEMPLATE, patch_size=vision.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],  # type: ignore[call-arg]
                          vision_feature_select_strategy="default", vision_feature_layer=-1)  # fmt: skip
     torch.manual_seed(seed)
     folder = Path(root) / f"vlm-{'native' if native else 'tiny'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_matches_image_reward_package_when_installed(folder: Path) -> None:
 
     from rewards.models._preprocess import clip_pixels
 
-    ref = nn.Module()
+    ref: Any = nn.Module()
     ref.blip = nn.Module()
     ref.blip.visual_encoder = VisionTransformer(
         img_size=SIZE, patch_size=PATCH, embed_dim=V_WIDTH, depth=V_LAYERS, num_heads=V_WIDTH // 64
@@ -188,9 +189,8 @@ def test_matches_image_reward_package_when_installed(folder: Path) -> None:
     ref.eval()
     scorer = make_scorer("imagereward", weights=str(folder))
     images, prompts = _images(3, seed=7), ["a red cat", "the dog on the mat", "blue"]
-    text = scorer.tokenizer(
-        prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
-    )  # type: ignore[attr-defined]
+    tokenizer: Any = scorer.tokenizer  # type: ignore[attr-defined]
+    text = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         emb = ref.blip.visual_encoder(clip_pixels(images, SIZE, resample="pil"))
         out = ref.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=emb,
