@@ -1,8 +1,13 @@
-"""Where each role runs: Ray placement-group bundles from the recipe's `resources:` section.
+"""Where every actor runs: the recipe's `resources:` section -> Ray placement group bundles -> actor options.
 
-One bundle per learner rank, per generator replica and per reward service. Colocated runs pack the
-bundles onto as few nodes as possible (one CPU box, one 8-GPU node); disaggregated runs spread them.
-The same recipe thus runs on a laptop (tiny preset) and on a cluster (real preset, more GPUs).
+    plan = plan_for(cfg)                              # pure: bundles, named actors, memory estimate
+    check_feasible(plan, ray.cluster_resources())     # ConfigError naming the field, before any actor
+    pg = create_placement_group(plan)                 # waits for the bundles (clear error on timeout)
+    Generator.options(**actor_options(plan, pg, "generator", 0)).remote(...)
+
+Disaggregated (default): one bundle per learner rank, per generator replica and per launched reward
+service. Colocated: learner rank i and generator i share bundle i (and its GPU: each asks for half), the
+verl/OpenRLHF "hybrid engine" layout that keeps an 8-GPU node busy in both phases.
 """
 
 from __future__ import annotations
@@ -15,17 +20,26 @@ from orchestrator.schema import ConfigError
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
+Role = Literal["learner", "generator", "reward"]
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+GB = 1024**3
+DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
+FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a16": 0.52, "nvfp4": 0.5625}
+"""Bytes per weight of a rollout copy; NVFP4 is 4 bits plus one E4M3 scale per 16 (4.5 bits)."""
+
 
 @dataclass(kw_only=True, slots=True)
 class ResourcesConfig:
-    """The recipe's `resources:` section: how many of each role, and what each one holds."""
+    """The recipe's `resources:` section: how many actors of each role, what each asks Ray for, and how
+    they are packed onto nodes."""
 
     learner_ranks: int = field(default=1, metadata={"ge": 1})
-    """FSDP2 ranks (one Ray actor each)."""
+    """FSDP2 ranks of the learner (one Ray actor each)."""
     learner_cpus: float = field(default=1.0, metadata={"ge": 0.0})
     learner_gpus: float = field(default=0.0, metadata={"ge": 0.0})
+    """GPUs per learner rank (0 on a CPU box)."""
     generators: int = field(default=1, metadata={"ge": 1})
-    """Rollout generator replicas (RL modes only)."""
+    """Rollout generator replicas (RL modes only; SFT and pretraining start none)."""
     generator_cpus: float = field(default=1.0, metadata={"ge": 0.0})
     generator_gpus: float = field(default=0.0, metadata={"ge": 0.0})
     generator_threads: int = field(default=1, metadata={"ge": 1})
@@ -33,130 +47,314 @@ class ResourcesConfig:
     reward_cpus: float = field(default=0.5, metadata={"ge": 0.0})
     """Per reward service the orchestrator launches (services given by address cost nothing here)."""
     reward_gpus: float = field(default=0.0, metadata={"ge": 0.0})
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Ray placement strategy: PACK colocates roles, SPREAD disaggregates them across nodes."""
+    colocate: bool = False
+    """Learner rank i and generator i share one bundle and its GPU (needs generators == learner_ranks)."""
+    strategy: Strategy = "PACK"
+    """Ray placement strategy: PACK (fewest nodes), SPREAD (disaggregate across nodes), STRICT_PACK (one
+    node), STRICT_SPREAD (one bundle per node)."""
     timeout_s: float = field(default=120.0, metadata={"gt": 0.0})
-    """How long to wait for the cluster to grant the bundles."""
+    """How long to wait for the cluster to grant the bundles before failing with what it lacks."""
+
+    def validate(self) -> None:
+        for role in ("learner", "generator", "reward"):
+            if getattr(self, f"{role}_cpus") == 0 and getattr(self, f"{role}_gpus") == 0:
+                raise ValueError(f"{role}_cpus: a {role} must ask for some CPUs or GPUs")
+        if self.colocate:
+            if self.generators != self.learner_ranks:
+                raise ValueError(
+                    f"generators: colocate pairs generator i with learner rank i, so generators "
+                    f"({self.generators}) must equal learner_ranks ({self.learner_ranks})"
+                )
+            if self.generator_gpus != self.learner_gpus:
+                raise ValueError("generator_gpus: colocated generators share the learner's GPU; set it equal")
+
+
+@dataclass(kw_only=True, slots=True)
+class ActorSlot:
+    """One named actor: the bundle it is pinned to and what it asks for inside that bundle."""
+
+    name: str
+    """Ray actor name, shown by the dashboard: learner-rank0, generator-1, reward-hpsv2-0."""
+    role: Role
+    index: int
+    bundle: int
+    cpus: float
+    gpus: float
+
+
+@dataclass(kw_only=True, slots=True)
+class MemoryEstimate:
+    """Rough memory per actor of a role (GiB): what must fit on one device."""
+
+    role: Role
+    weights: float
+    """Parameters held (learner: its FSDP shard, the all-gathered block and old/ref slots)."""
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    note: str = ""
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+@dataclass(kw_only=True, slots=True)
+class Footprint:
+    """What the memory estimate needs to know about the model and the batches."""
+
+    params: int
+    trainable: int
+    """Parameters with gradients (LoRA: the adapters only)."""
+    hidden: int
+    depth: int
+    tokens: int
+    """Image tokens per sample (latent side / patch, squared)."""
+    weight_dtype: str
+    compute_dtype: str
+    rollout_formats: list[str]
+    micro_batch: int
+    rollout_batch: int
+    """Samples one generator call denoises at once."""
+    checkpointing: bool
 
 
 @dataclass(kw_only=True, slots=True)
 class PlacementPlan:
-    """Bundles in order, which role owns which, and rough per-role memory."""
+    """Bundles in order, the named actor(s) pinned to each, and the memory each role needs."""
 
     bundles: list[dict[str, float]]
-    roles: dict[str, list[int]]
-    """role -> bundle indices ('learner', 'generator', 'reward')."""
-    strategy: str
-    memory_gb: dict[str, float]
-    timeout_s: float
+    strategy: Strategy
+    actors: list[ActorSlot]
+    memory: list[MemoryEstimate] = field(default_factory=list)
+    timeout_s: float = 120.0
 
-    def indices(self, role: str) -> list[int]:
-        return self.roles.get(role, [])
+    def slot(self, role: Role, index: int) -> ActorSlot:
+        for a in self.actors:
+            if a.role == role and a.index == index:
+                return a
+        raise KeyError(f"no {role} {index} in the placement plan")
 
-    def totals(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for b in self.bundles:
-            for k, v in b.items():
-                out[k] = out.get(k, 0.0) + v
-        return out
+    def indices(self, role: Role) -> list[int]:
+        """Bundle index of each actor of `role`, in actor order (LearnerGroup's `bundle_indices`)."""
+        return [a.bundle for a in self.actors if a.role == role]
 
-
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    b = {"CPU": cpus}
-    if gpus:
-        b["GPU"] = gpus
-    return b
+    def total(self, resource: str) -> float:
+        return sum(b.get(resource, 0.0) for b in self.bundles)
 
 
-def memory_estimate(cfg: RunConfig) -> dict[str, float]:
-    """GB per role: learner (params, grads, AdamW moments in fp32, sharded over ranks), generator
-    (one full-precision copy plus the quantized copy). Activations are not counted."""
+def make_plan(
+    res: ResourcesConfig, *, generators: bool, rewards: list[str], footprint: Footprint | None = None
+) -> PlacementPlan:
+    """The plan for `res`; `generators` False (SFT, pretraining) starts none; `rewards` are the names of
+    reward services the orchestrator launches itself."""
+    bundles: list[dict[str, float]] = []
+    actors: list[ActorSlot] = []
+
+    def bundle(cpus: float, gpus: float) -> int:
+        bundles.append({k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0})
+        return len(bundles) - 1
+
+    def add(role: Role, index: int, name: str, cpus: float, gpus: float, at: int) -> None:
+        actors.append(ActorSlot(name=name, role=role, index=index, bundle=at, cpus=cpus, gpus=gpus))
+
+    n_gen = res.generators if generators else 0
+    colocate = res.colocate and n_gen > 0
+    for rank in range(res.learner_ranks):
+        if colocate:  # one shared bundle; each of the two actors asks for half of its GPU
+            at = bundle(res.learner_cpus + res.generator_cpus, res.learner_gpus)
+            half = res.learner_gpus / 2
+            add("learner", rank, f"learner-rank{rank}", res.learner_cpus, half, at)
+            add("generator", rank, f"generator-{rank}", res.generator_cpus, half, at)
+        else:
+            at = bundle(res.learner_cpus, res.learner_gpus)
+            add("learner", rank, f"learner-rank{rank}", res.learner_cpus, res.learner_gpus, at)
+    for i in range(0 if colocate else n_gen):
+        at = bundle(res.generator_cpus, res.generator_gpus)
+        add("generator", i, f"generator-{i}", res.generator_cpus, res.generator_gpus, at)
+    for i, name in enumerate(rewards):
+        at = bundle(res.reward_cpus, res.reward_gpus)
+        add("reward", i, f"reward-{name}-0", res.reward_cpus, res.reward_gpus, at)
+    memory = estimate_memory(footprint, res.learner_ranks, n_gen > 0) if footprint else []
+    return PlacementPlan(
+        bundles=bundles, strategy=res.strategy, actors=actors, memory=memory, timeout_s=res.timeout_s
+    )
+
+
+def estimate_memory(fp: Footprint, ranks: int, generators: bool) -> list[MemoryEstimate]:
+    """Rough per-actor memory: FSDP shards weights, grads and AdamW moments over the ranks; activations
+    assume ~30 hidden-sized tensors kept per block and token (one block when checkpointing)."""
+    w, c = DTYPE_BYTES[fp.weight_dtype], DTYPE_BYTES[fp.compute_dtype]
+    act_elems = fp.micro_batch * fp.tokens * fp.hidden
+    kept = fp.depth + 30 if fp.checkpointing else 30 * fp.depth
+    learner = MemoryEstimate(
+        role="learner",
+        # shard + old/ref slots (trainable only) + one all-gathered block in the compute dtype
+        weights=(fp.params * w + 2 * fp.trainable * w) / ranks / GB + fp.params / fp.depth * c / GB,
+        grads=fp.trainable * w / ranks / GB,
+        optimizer=2 * fp.trainable * w / ranks / GB,
+        activations=act_elems * kept * c / GB,
+    )
+    out = [learner]
+    if generators:
+        copies = sum(FORMAT_BYTES.get(f, 2.0) for f in set(fp.rollout_formats) if f != "bf16")
+        out.append(
+            MemoryEstimate(
+                role="generator",
+                weights=fp.params * (w + copies) / GB,
+                # no grads: a few live tensors per token, x2 for classifier-free guidance
+                activations=2 * fp.rollout_batch * fp.tokens * fp.hidden * 10 * w / GB,
+                note="plus text encoder and VAE",
+            )
+        )
+    return out
+
+
+def footprint_for(cfg: RunConfig) -> Footprint:
+    """Parameter counts from the recipe's architecture, built on the meta device (no memory, no weights)."""
+    import torch
+    from torch import nn
+
+    from policy.sana import SanaDiT
+
     arch = cfg.model.arch()
-    d, depth = arch.hidden_size, arch.depth
-    hidden = int(d * arch.mlp_ratio)
-    per_block = 4 * d * d + 2 * d * d + 3 * d * hidden + 2 * hidden * 9 + 6 * d
-    params = depth * per_block + arch.caption_channels * d + d * d + 256 * d + 7 * d * d
-    width = 2 if cfg.model.dtype != "float32" else 4
-    learner = params * (width + 4 + 8) / cfg.resources.learner_ranks / 1e9
-    bits = {"bf16": 16.0, "fp8": 8.0, "nvfp4": 4.5, "w4a16": 4.5}[cfg.quant.fmt]
-    generator = params * (width + bits / 8) / 1e9
-    return {"params_billion": params / 1e9, "learner_per_rank": learner, "generator": generator}
+    with torch.device("meta"):
+        model = SanaDiT(arch)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = params
+    lora = cfg.learner.lora
+    if lora.enabled:
+        trainable = sum(
+            lora.rank * (m.in_features + m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(name.endswith(t) for t in lora.target_modules)
+        )
+    downsample = 1 if cfg.codec.image_codec == "pixels" else 32
+    side = cfg.codec.image_size // downsample // arch.patch_size
+    ro = cfg.rollout
+    return Footprint(
+        params=params,
+        trainable=trainable,
+        hidden=arch.hidden_size,
+        depth=arch.depth,
+        tokens=side * side,
+        weight_dtype=cfg.model.dtype,
+        compute_dtype=cfg.learner.param_dtype,
+        rollout_formats=[ro.preview_precision, ro.final_precision],
+        micro_batch=cfg.learner.micro_batch_size,
+        rollout_batch=max(1, ro.prompts_per_step * ro.num_seeds // max(1, cfg.resources.generators)),
+        checkpointing=cfg.learner.activation_checkpointing,
+    )
 
 
 def plan_for(cfg: RunConfig) -> PlacementPlan:
-    """The placement a recipe asks for; started roles depend on the mode."""
+    """The plan a recipe asks for: generators in RL modes only; a reward service for every reward without
+    an address, in every mode (SFT and pretraining score their evaluations too)."""
     from orchestrator.config import RL_MODES
 
-    res = cfg.resources
-    bundles: list[dict[str, float]] = []
-    roles: dict[str, list[int]] = {"learner": [], "generator": [], "reward": []}
-    for _ in range(res.learner_ranks):
-        roles["learner"].append(len(bundles))
-        bundles.append(_bundle(res.learner_cpus, res.learner_gpus))
-    if cfg.run.mode in RL_MODES:
-        for _ in range(res.generators):
-            roles["generator"].append(len(bundles))
-            bundles.append(_bundle(res.generator_cpus, res.generator_gpus))
-    for spec in cfg.rewards:
-        if not (spec.address or spec.replicas):
-            roles["reward"].append(len(bundles))
-            bundles.append(_bundle(res.reward_cpus, res.reward_gpus))
-    return PlacementPlan(
-        bundles=bundles,
-        roles=roles,
-        strategy=res.strategy,
-        memory_gb=memory_estimate(cfg),
-        timeout_s=res.timeout_s,
+    launched = [r.name for r in cfg.rewards if not r.addresses]
+    return make_plan(
+        cfg.resources, generators=cfg.run.mode in RL_MODES, rewards=launched, footprint=footprint_for(cfg)
     )
 
 
 def check_feasible(plan: PlacementPlan, cluster: dict[str, float]) -> None:
-    """Refuse a plan the cluster can never satisfy, naming the recipe field (exit 2 before any actor)."""
-    need = plan.totals()
-    fields = {"GPU": "resources.*_gpus", "CPU": "resources.*_cpus"}
-    for key, amount in need.items():
-        have = float(cluster.get(key, 0.0))
-        if amount > have + 1e-9:
-            raise ConfigError(
-                f"{fields.get(key, key)}: the plan needs {amount:g} {key}, the cluster has {have:g}"
-            )
+    """Raise ConfigError naming the recipe field when the cluster lacks CPUs or GPUs for the plan."""
+    for resource, unit in (("GPU", "GPUs"), ("CPU", "CPUs")):
+        need, have = plan.total(resource), float(cluster.get(resource, 0.0))
+        if need <= have + 1e-9:
+            continue
+        roles = {a.role for a in plan.actors if (a.gpus if resource == "GPU" else a.cpus) > 0}
+        blame = next(r for r in ("learner", "generator", "reward") if r in roles)
+        key = f"resources.{blame}_{resource.lower()}s"
+        parts = ", ".join(
+            f"{r} {sum(1 for a in plan.actors if a.role == r)} x "
+            f"{next(a.gpus if resource == 'GPU' else a.cpus for a in plan.actors if a.role == r):g}"
+            for r in ("learner", "generator", "reward")
+            if r in roles
+        )
+        raise ConfigError(f"{key}: needs {need:g} {unit} ({parts}), cluster has {have:g}")
 
 
 def create_placement_group(plan: PlacementPlan) -> Any:
-    """Reserve the bundles; a clear error when the cluster does not grant them in time."""
+    """Reserve the plan's bundles and wait for them; ConfigError saying what is missing on timeout (the
+    totals may fit while no node holds a bundle, or STRICT_PACK needs one node with everything)."""
+    import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group(plan.bundles, strategy=plan.strategy, name="sana-rl")
-    import ray
-
     ready, _ = ray.wait([pg.ready()], timeout=plan.timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise RuntimeError(
-            f"placement group of {plan.totals()} not granted within {plan.timeout_s:.0f} s "
-            f"(cluster has {ray.available_resources()})"
-        )
+        free = ray.available_resources()
+        raise ConfigError(
+            f"resources: placement group of {len(plan.bundles)} bundles ({plan.strategy}, "
+            f"{plan.total('CPU'):g} CPUs, {plan.total('GPU'):g} GPUs) not ready after {plan.timeout_s:g} s; "
+            f"free now: {free.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} GPUs "
+            f"(resources.timeout_s, resources.strategy)"
+        ) from None
     return pg
 
 
-def scheduling_strategy(plan: PlacementPlan, pg: Any, role: str, index: int) -> Any:
-    """Actor option placing the index-th actor of a role in its bundle."""
+def scheduling_strategy(plan: PlacementPlan, pg: Any, role: Role, index: int) -> Any:
+    """A PlacementGroupSchedulingStrategy pinning actor (role, index) to its bundle of `pg`."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(
-        placement_group=pg, placement_group_bundle_index=plan.indices(role)[index]
+        placement_group=pg, placement_group_bundle_index=plan.slot(role, index).bundle
     )
+
+
+def actor_options(plan: PlacementPlan, pg: Any, role: Role, index: int) -> dict[str, Any]:
+    """`.options(**...)` for actor (role, index): its dashboard name, its resources inside the bundle
+    (colocated actors ask for half a GPU each) and the bundle itself."""
+    slot = plan.slot(role, index)
+    return {
+        "name": slot.name,
+        "num_cpus": slot.cpus,
+        "num_gpus": slot.gpus,
+        "scheduling_strategy": scheduling_strategy(plan, pg, role, index),
+    }
 
 
 def describe(plan: PlacementPlan) -> str:
-    """The plan as `--dry-run` prints it."""
-    lines = [f"placement ({plan.strategy}), {len(plan.bundles)} bundles, total {plan.totals()}"]
-    for role, idx in plan.roles.items():
-        if idx:
-            lines.append(f"  {role:<10} x{len(idx)}  bundle {plan.bundles[idx[0]]}")
-    mem = plan.memory_gb
-    lines.append(
-        f"memory: {mem['params_billion']:.3f}B params; learner {mem['learner_per_rank']:.2f} GB/rank "
-        f"(params+grads+AdamW, no activations); generator {mem['generator']:.2f} GB"
-    )
+    """Human-readable plan for `sana-rl run --dry-run`."""
+    lines = [
+        f"placement: {len(plan.bundles)} bundles, strategy {plan.strategy}, "
+        f"{plan.total('CPU'):g} CPUs, {plan.total('GPU'):g} GPUs"
+    ]
+    for i, bundle in enumerate(plan.bundles):
+        names = ", ".join(a.name for a in plan.actors if a.bundle == i)
+        res = " ".join(f"{k}={v:g}" for k, v in bundle.items())
+        lines.append(f"  bundle {i:>2} [{res}]: {names}")
+    if plan.memory:
+        lines.append("memory per actor (GiB, rough): weights + grads + optimizer + activations = total")
+        for m in plan.memory:
+            tail = f"  ({m.note})" if m.note else ""
+            lines.append(
+                f"  {m.role:<9} {_gib(m.weights)} + {_gib(m.grads)} + {_gib(m.optimizer)} + "
+                f"{_gib(m.activations)} = {_gib(m.total)}{tail}"
+            )
     return "\n".join(lines)
+
+
+def _gib(x: float) -> str:
+    return f"{x:.3g}" if x >= 0.01 or x == 0 else f"{x:.1e}"
+
+
+__all__ = [
+    "ActorSlot",
+    "Footprint",
+    "MemoryEstimate",
+    "PlacementPlan",
+    "ResourcesConfig",
+    "actor_options",
+    "check_feasible",
+    "create_placement_group",
+    "describe",
+    "estimate_memory",
+    "footprint_for",
+    "make_plan",
+    "plan_for",
+    "scheduling_strategy",
+]

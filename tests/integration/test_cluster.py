@@ -62,7 +62,7 @@ def test_embedded_cluster_listens_on_loopback_only(ray_cluster: dict[str, Any]) 
         def ip(self) -> str:
             return ray.util.get_node_ip_address()
 
-    probe = Probe.remote()  # a live core worker: its gRPC server must be on loopback too
+    probe = Probe.remote()  # type: ignore[attr-defined]  # a live core worker: its gRPC server must be on loopback too
     assert ray.get(probe.ip.remote(), timeout=60) == "127.0.0.1"
     procs = ray_processes(ray_cluster["session_dir"])
     names = {p.name() for p in procs if p.is_running()}
