@@ -39,3 +39,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+# Reference / serving environments for scorers whose upstream packages conflict with the main one.
+env-hpsv2:
+	$(PYTHON) -m venv .venv-hpsv2
+	.venv-hpsv2/bin/pip install -r scripts/envs/hpsv2.txt
+	.venv-hpsv2/bin/pip install --no-deps hpsv2x==1.2.0
+	.venv-hpsv2/bin/pip install --no-deps -e .
+
+env-imagereward:
+	$(PYTHON) -m venv .venv-imagereward
+	.venv-imagereward/bin/pip install -r scripts/envs/imagereward.txt
+	.venv-imagereward/bin/pip install --no-deps -e .
+
+env-vlm:
+	$(PYTHON) -m venv .venv-vlm
+	.venv-vlm/bin/pip install -r scripts/envs/vlm.txt
+	.venv-vlm/bin/pip install --no-deps -e .
