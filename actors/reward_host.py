@@ -6,16 +6,17 @@ The actor only hosts: the trainer still reaches the service over gRPC (RewardCli
 would reach one started by hand, so retries, deadlines and health checks work the same way.
 
     host = launch_reward_host(spec, server=ServerConfig(max_batch=16), num_gpus=1)
-    address = ray.get(host.start.remote())     # "127.0.0.1:41234"; goes into spec.address
+    address = ray.get(host.start.remote())     # "127.0.0.1:41234" once serving; goes into spec.address
     ray.get(host.ready.remote())               # True while serving
-    ray.get(host.stop.remote())                # graceful: NOT_SERVING, drain, stop
+    ray.get(host.stop.remote())                # graceful: NOT_SERVING, drain, stop; start() serves again
 
 Own environment: set `RewardSpec.python` to the interpreter of a venv that has this project and the
 same Ray installed (`make env-imagereward` builds one); Ray starts the actor's worker with it through
 `runtime_env={"py_executable": ...}`.
 
-After a Ray restart (`max_restarts`) the actor comes back without a server: `ready()` says False until
-`start()` is called again. Give ServerConfig a fixed port when the address must survive restarts.
+The actor serves from its constructor, so when Ray restarts it (`max_restarts`, after the process died)
+the service comes back by itself; with a fixed port in ServerConfig it comes back at the same address and
+clients simply retry through the gap (with port 0 it gets a new port: ask `start()` for it).
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ _WILDCARDS = ("0.0.0.0", "::", "[::]")
 class RewardHost:
     """Hosts one scorer's gRPC server on the actor's event loop (an async Ray actor)."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Ray awaits async constructors of async actors
         self, scorer: str, *, server: ServerConfig | None = None, scorer_kwargs: dict[str, Any] | None = None
-    ):
+    ) -> None:
         self.scorer = scorer
         self.cfg = server or ServerConfig()
         self.cfg.validate()
         self.scorer_kwargs = dict(scorer_kwargs or {})
         self._running: RunningServer | None = None
+        await self.start()
 
     async def start(self) -> str:
         """Build the scorer and start serving (idempotent); returns the host:port clients dial."""
@@ -72,6 +74,7 @@ def launch_reward_host(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     max_restarts: int = 3,
+    **actor_options: Any,
 ) -> Any:
     """Create the RewardHost actor for `spec` (in `spec.python`'s environment when set); returns its
     handle. Call `start` on it to serve."""
@@ -81,6 +84,7 @@ def launch_reward_host(
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "max_restarts": max_restarts,
+        **actor_options,  # name, scheduling_strategy (placement group bundle)
     }
     if spec.python:
         options["runtime_env"] = {"py_executable": spec.python}
