@@ -1,8 +1,17 @@
 """The bounded buffer between rollout production and learning in asynchronous mode.
 
-Every item carries the policy version that produced it. `get(current_version)` never returns an item
-older than `max_staleness` versions: such items are dropped and counted (DESIGN.md section 1), never
-silently trained on. Producers block when the buffer is full, which bounds memory and staleness alike.
+Every item carries the policy version that produced it. The consumer asks with the learner's current
+version and never gets an item more than `max_staleness` versions old: such items are dropped and
+counted (DESIGN.md section 1), never silently trained on. Within the bound, `stale_policy: reweight`
+hands each item out with a weight `staleness_decay ** staleness` for the loss to apply. Producers block
+while the buffer is full, which bounds memory and staleness alike.
+
+    buf: StalenessBuffer[Scored] = StalenessBuffer.from_config(cfg.pipeline)
+    buf.put(rollouts.policy_version, Scored(rollouts, rewards))        # generation thread
+    item = buf.get(current_version=learner_version, timeout=60.0)      # controller
+    if item is not None: train(item.payload, weight=item.weight)
+
+Pure Python, thread-safe; no Ray inside.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -24,62 +33,168 @@ class AsyncConfig:
     max_staleness: int = field(default=1, metadata={"ge": 0})
     """A batch produced by policy version v is trained on only while current_version - v <= this."""
     buffer_size: int = field(default=2, metadata={"ge": 1})
-    """Batches produced ahead of the learner at most."""
+    """Batches produced ahead of the learner at most (producers wait while it is full)."""
+    stale_policy: Literal["drop", "reweight"] = "drop"
+    """Within the bound, drop: every item weighs 1; reweight: an item s versions old weighs
+    staleness_decay**s. Beyond the bound items are always dropped."""
+    staleness_decay: float = field(default=0.5, metadata={"gt": 0.0, "le": 1.0})
 
 
 @dataclass(kw_only=True, slots=True)
-class Item(Generic[T]):
+class Delivered(Generic[T]):
+    """An item as the consumer gets it."""
+
     version: int
+    """Policy version that produced the payload."""
+    staleness: int
+    """current_version - version at delivery; never above max_staleness."""
+    weight: float
+    """1.0, or staleness_decay**staleness under stale_policy: reweight."""
     payload: T
 
 
-class StalenessBuffer(Generic[T]):
-    """Thread-safe FIFO of versioned items with a staleness bound on the consumer side."""
+@dataclass(kw_only=True, slots=True)
+class BufferState(Generic[T]):
+    """What a checkpoint records about the buffer: counters, and the undelivered items or the fact that
+    they were discarded (`items` empty, `undelivered` > 0, `items_saved` False)."""
 
-    def __init__(self, capacity: int, max_staleness: int) -> None:
+    produced: int
+    delivered: int
+    dropped_stale: int
+    discarded: int
+    """Items thrown away without delivery (close, or a checkpoint that did not keep them)."""
+    undelivered: int
+    items_saved: bool
+    items: list[tuple[int, T]] = field(default_factory=list)
+    """(version, payload) in production order, when saved."""
+
+
+class StalenessBuffer(Generic[T]):
+    """Thread-safe bounded FIFO of versioned items with a staleness bound on the consumer side."""
+
+    def __init__(
+        self,
+        capacity: int,
+        max_staleness: int,
+        *,
+        stale_policy: Literal["drop", "reweight"] = "drop",
+        staleness_decay: float = 0.5,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"buffer_size: must be >= 1, got {capacity}")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness: must be >= 0, got {max_staleness}")
         self.capacity = capacity
         self.max_staleness = max_staleness
-        self._items: deque[Item[T]] = deque()
+        self.stale_policy = stale_policy
+        self.staleness_decay = staleness_decay
+        self._items: deque[tuple[int, T]] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.dropped = 0
+        self._floor = -(2**62)
+        """Oldest version still acceptable: current_version - max_staleness of the newest consumer call."""
+        self.produced = 0
         self.delivered = 0
+        self.dropped_stale = 0
+        self.discarded = 0
+
+    @classmethod
+    def from_config(cls, cfg: AsyncConfig) -> StalenessBuffer[T]:
+        return cls(
+            cfg.buffer_size,
+            cfg.max_staleness,
+            stale_policy=cfg.stale_policy,
+            staleness_decay=cfg.staleness_decay,
+        )
 
     def put(self, version: int, payload: T, timeout: float | None = None) -> bool:
-        """Add an item; blocks while full. False when closed (or timed out) before it could be added."""
+        """Add an item; blocks while full. False when closed or timed out before it could be added.
+        An item already too stale for the newest consumer is dropped and counted (True: it was taken)."""
         with self._cond:
             ok = self._cond.wait_for(lambda: self._closed or len(self._items) < self.capacity, timeout)
             if self._closed or not ok:
                 return False
-            self._items.append(Item(version=version, payload=payload))
-            self._cond.notify_all()
+            self.produced += 1
+            if version < self._floor:
+                self.dropped_stale += 1
+            else:
+                self._items.append((version, payload))
+                self._cond.notify_all()
             return True
 
-    def get(self, current_version: int, timeout: float | None = None) -> tuple[int, T] | None:
-        """The oldest item within the staleness bound (too-stale ones are dropped on the way)."""
+    def advance(self, current_version: int) -> int:
+        """The learner reached `current_version`: drop what is now too stale (freeing room for producers).
+        Returns how many were dropped."""
         with self._cond:
-            while True:
-                while self._items and current_version - self._items[0].version > self.max_staleness:
-                    self._items.popleft()
-                    self.dropped += 1
-                    self._cond.notify_all()
-                if self._items:
-                    item = self._items.popleft()
-                    self.delivered += 1
-                    self._cond.notify_all()
-                    return item.version, item.payload
-                if self._closed or not self._cond.wait(timeout):
-                    return None
+            return self._advance(current_version)
+
+    def _advance(self, current_version: int) -> int:
+        self._floor = max(self._floor, current_version - self.max_staleness)
+        kept = deque(item for item in self._items if item[0] >= self._floor)
+        dropped = len(self._items) - len(kept)
+        if dropped:
+            self._items = kept
+            self.dropped_stale += dropped
+            self._cond.notify_all()
+        return dropped
+
+    def get(self, current_version: int, timeout: float | None = None) -> Delivered[T] | None:
+        """The oldest item within the staleness bound (too-stale ones are dropped on the way); None when
+        closed and empty, or when nothing fresh enough arrived within `timeout`."""
+
+        def ready() -> bool:  # re-checked on every wake-up: items may have gone stale meanwhile
+            self._advance(current_version)
+            return self._closed or bool(self._items)
+
+        with self._cond:
+            if not self._cond.wait_for(ready, timeout) or not self._items:
+                return None
+            version, payload = self._items.popleft()
+            self.delivered += 1
+            self._cond.notify_all()
+        staleness = current_version - version
+        weight = self.staleness_decay**staleness if self.stale_policy == "reweight" else 1.0
+        return Delivered(version=version, staleness=max(staleness, 0), weight=weight, payload=payload)
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+    def state(self, *, keep_items: bool) -> BufferState[T]:
+        """Checkpoint view. With keep_items False the undelivered items are recorded as discarded (a run
+        resumed from this checkpoint will not see them); the live buffer keeps them either way."""
+        with self._cond:
+            items = list(self._items)
+            return BufferState(
+                produced=self.produced,
+                delivered=self.delivered,
+                dropped_stale=self.dropped_stale,
+                discarded=self.discarded + (0 if keep_items else len(items)),
+                undelivered=len(items),
+                items_saved=keep_items,
+                items=items if keep_items else [],
+            )
+
+    def load_state(self, state: BufferState[T]) -> None:
+        """Restore counters and, when they were saved, the undelivered items (beyond capacity they are
+        kept: refusing them would lose rollouts the checkpoint promised)."""
+        with self._cond:
+            self.produced = state.produced
+            self.delivered = state.delivered
+            self.dropped_stale = state.dropped_stale
+            self.discarded = state.discarded
+            self._items = deque(state.items)
+            self._cond.notify_all()
 
     def close(self) -> int:
         """Stop producers and consumers; returns how many undelivered items were discarded."""
         with self._cond:
             self._closed = True
             n = len(self._items)
+            self.discarded += n
             self._items.clear()
             self._cond.notify_all()
             return n
+
+
+__all__ = ["AsyncConfig", "BufferState", "Delivered", "StalenessBuffer"]
