@@ -238,8 +238,7 @@ class Controller:
         out: dict[str, float] = {}
         if self.roles.rewards.available:
             rew = self.roles.rewards.score(roll.images, roll.prompts)
-            ok = rew.ok
-            out["reward_mean"] = float(rew.total[ok].mean()) if ok.any() else float("nan")
+            ok = rew.ok  # raw scores: the normalised total depends on the run's reward statistics
             for name, vals in {**rew.per_scorer, **rew.extras}.items():
                 out[name] = float(vals[ok].mean()) if ok.any() else float("nan")
             self.roles.rollout_log.append(roll, rew, stage="eval", step=self.step)

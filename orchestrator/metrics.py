@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def redact(value: Any, key: str = "") -> Any:
 class MetricsLogger:
     """One step's scalars to every sink; non-finite values are written as null and counted."""
 
-    _GAUGES = {
+    _GAUGES: ClassVar[dict[str, str]] = {
         "final/images_per_s": "sana_rl_rollout_images_per_s",
         "preview/images_per_s": "sana_rl_preview_images_per_s",
         "final/reward_mean": "sana_rl_reward_mean",
