@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="bind address; anything but loopback needs --token-file"
     )
     v.add_argument("--port", type=int, default=50051)
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default=None, help="torch device for scorers that use one (e.g. cuda:0)")
     v.add_argument("--weights", default=None, help="local path of the scorer's weights")
     v.add_argument("--max-batch", type=int, default=32)
     v.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -115,7 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from rewards.server import serve
 
-    kwargs: dict[str, object] = {"device": args.device}
+    kwargs: dict[str, object] = {}
+    if args.device:
+        kwargs["device"] = args.device
     if args.weights:
         kwargs["weights"] = args.weights
     for item in args.scorer_arg:
@@ -137,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
                 scorer_kwargs=kwargs,
             )
         )
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # unknown scorer, bad or unexpected scorer arguments
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

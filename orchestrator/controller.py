@@ -140,7 +140,8 @@ class Controller:
             self.counters.skipped_steps += 1
             self.counters.skip("non_finite_grad")
         self.version = version
-        self._sync()
+        if self.roles.pool is not None:  # SFT/pretraining sync lazily, before they sample for evaluation
+            self._sync()
         t3 = time.perf_counter()
         metrics.update({f"learner/{k}": v for k, v in {**fb, **om}.items()})
         metrics.update({"time/rollout_s": t1 - t0, "time/learn_s": t2 - t1, "time/sync_s": t3 - t2})
@@ -229,6 +230,8 @@ class Controller:
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         assert self.roles is not None
+        if self.roles.pool is None:
+            self._sync()
         ev = self.cfg.eval
         prompts = self.roles.data.eval_prompts(ev.num_prompts)
         flat = [p for p in prompts for _ in range(ev.seeds_per_prompt)]

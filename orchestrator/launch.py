@@ -61,7 +61,12 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
             cfg.run.init_from = str(base.output_dir)
     if cfg.run.init_from and not dry_run:
         cfg.model.pretrained = str(init_weights(Path(cfg.run.init_from)))
-    check_paths(cfg)
+    try:
+        check_paths(cfg)
+    except BadInput as exc:
+        if not dry_run:
+            raise
+        print(f"warning: {exc} (a real run stops here with exit status 2)")
     plan = plan_for(cfg)
     if dry_run:
         print(describe(plan))
