@@ -70,11 +70,8 @@ def _models(cfg: SanaConfig, device: torch.device, dtype: torch.dtype) -> tuple[
 
     torch.manual_seed(0)
     kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
-    with torch.device(device):
+    with torch.device(device):  # diffusers' default init: no zero layers, so outputs are not trivial
         theirs: Any = SanaTransformer2DModel(**kwargs)
-        with torch.no_grad():  # the zero-initialised pieces of a fresh model would make outputs trivial
-            for p in theirs.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
     if dtype != torch.float32:
         theirs = theirs.to(dtype)
     with torch.device("meta"):
