@@ -1,0 +1,382 @@
+"""Versioned weight sync from the learner to the generators: Ray's object store, or a collective broadcast.
+
+Object store (CPU, any cluster): the snapshot is `ray.put` once and the same ObjectRef goes to every
+generator's `load_weights`. Ray pickles torch tensors by copying their storage (~0.3 GB/s here); `pack`
+wraps the state dict so that each tensor travels as a raw uint8 numpy buffer instead, which Ray stores
+out of band and maps zero-copy on the reader's side (~2-10 GB/s, bench/sync.py). The receiver's tensors
+are read-only views of shared memory: load them (`load_state_dict` copies), never modify them in place.
+
+    sync = WeightSync()
+    published = sync.publish(learner.state_for_rollout())        # one ray.put, version checked
+    stats = sync.deliver(generator_handles, published)           # every generator answers its version
+
+Collective (GPU: NCCL; CPU: gloo, which the tests use): learner rank 0 and the generators form their own
+process group, separate from the learner's FSDP group, and rank 0 broadcasts header, names and
+dtype-bucketed flat buffers. Actors take part by mixing in `WeightEndpoint`.
+
+    sync = WeightSync(backend="nccl")
+    sync.connect(source=learner_rank0, receivers=generator_handles)
+    stats = sync.broadcast()
+
+Versions: `publish` refuses a version older than the last one (a restore passes `rewind=True`), and a
+sync succeeds only when every generator reports the published version. Generator actors run one call at a
+time, and the controller starts sampling only after the sync returned, so a group is never sampled with
+two versions; a generator that restarted meanwhile holds another version and its `generate` refuses the
+request (actors/generator.py StaleWeights).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from actors.records import WeightSnapshot
+
+Backend = Literal["object_store", "nccl", "gloo"]
+BUCKET_BYTES = 256 * 2**20
+
+
+class WeightSyncError(RuntimeError):
+    """A sync that could not guarantee every generator holds the published version."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Published:
+    """One snapshot in the object store: the ref every generator loads."""
+
+    version: int
+    ref: Any
+    """ray.ObjectRef of a packed WeightSnapshot."""
+    nbytes: int
+    put_s: float
+
+
+@dataclass(kw_only=True, slots=True)
+class SyncStats:
+    version: int
+    nbytes: int
+    seconds: float
+    """Wall time of the whole sync: put (or send) until every generator confirmed its version."""
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.nbytes / max(self.seconds, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+class _PackedState(dict[str, torch.Tensor]):
+    """A state dict that pickles each tensor as a flat uint8 numpy array (zero-copy in Ray's store)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        names = list(self)
+        metas = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in self.values()]
+        arrays = [t.reshape(-1).view(torch.uint8).numpy() for t in self.values()]
+        return (_unpack_state, (names, metas, arrays))
+
+
+def _unpack_state(
+    names: list[str], metas: list[tuple[str, tuple[int, ...]]], arrays: list[np.ndarray]
+) -> dict:
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": read-only by design, see above
+        for name, (dtype, shape), arr in zip(names, metas, arrays, strict=True):
+            out[name] = torch.from_numpy(arr).view(getattr(torch, dtype)).reshape(shape)
+    return out
+
+
+def pack(snapshot: WeightSnapshot) -> WeightSnapshot:
+    """The same snapshot with CPU, contiguous tensors in a state dict that travels as raw buffers."""
+    state = _PackedState()
+    for name, t in snapshot.state.items():
+        state[name] = t.detach().to("cpu").contiguous()
+    return WeightSnapshot(policy_version=snapshot.policy_version, state=state)
+
+
+def state_nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# ------------------------------------------------------------------------------------------ collective
+def _buckets(meta: list[tuple[str, str, list[int]]], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive tensors of one dtype, up to bucket_bytes each (one broadcast per bucket); both ends
+    compute the same split from the same header."""
+    out: list[list[int]] = []
+    size, dtype = 0, ""
+    for i, (_, dt, shape) in enumerate(meta):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=getattr(torch, dt)).element_size()
+        if not out or dt != dtype or size + nbytes > bucket_bytes:
+            out.append([])
+            size, dtype = 0, dt
+        out[-1].append(i)
+        size += nbytes
+    return out
+
+
+class WeightChannel:
+    """One member of a broadcast group: rank 0 sends snapshots, every other rank receives them."""
+
+    def __init__(self, group: Any, rank: int, device: torch.device, store: Any) -> None:
+        self.group, self.rank, self.device, self._store = group, rank, device, store
+
+    @staticmethod
+    def listen(host: str) -> socket.socket:
+        """Rank 0: a listening socket for the group's store, on this node's address (loopback when the
+        cluster is), port 0."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((host, 0))
+        sock.listen(128)
+        return sock
+
+    @classmethod
+    def join(
+        cls,
+        *,
+        rank: int,
+        world: int,
+        address: str,
+        port: int,
+        backend: Literal["nccl", "gloo"],
+        bind_host: str,
+        listener: socket.socket | None = None,
+        timeout_s: float = 600.0,
+    ) -> WeightChannel:
+        """Every member calls this concurrently (the group's constructor is a rendezvous)."""
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if rank == 0:
+            if listener is None:
+                raise ValueError("rank 0 hosts the store: pass the socket from WeightChannel.listen")
+            store = dist.TCPStore(
+                address, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                master_listen_fd=listener.fileno(),
+            )  # fmt: skip
+        else:
+            store = dist.TCPStore(address, port, world, is_master=False, timeout=timeout)
+        prefixed = dist.PrefixStore("sana-rl-weights", store)
+        group: Any
+        if backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            group = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+        else:
+            device = torch.device("cpu")
+            gloo = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+            gloo._timeout = timeout
+            group = dist.ProcessGroupGloo(prefixed, rank, world, gloo)
+        return cls(group, rank, device, store)
+
+    def _bcast(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.group.broadcast([tensor], opts).wait()
+
+    def send(self, snapshot: WeightSnapshot, bucket_bytes: int = BUCKET_BYTES) -> int:
+        """Rank 0: header, names/dtypes/shapes (JSON bytes, no pickle), then the buckets. Returns bytes."""
+        state = snapshot.state
+        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in state.items()]
+        blob = torch.frombuffer(
+            bytearray(json.dumps({"tensors": meta, "bucket": bucket_bytes}).encode()), dtype=torch.uint8
+        )
+        self._bcast(
+            torch.tensor([snapshot.policy_version, blob.numel()], dtype=torch.int64, device=self.device)
+        )
+        self._bcast(blob.to(self.device))
+        tensors = list(state.values())
+        for bucket in _buckets(meta, bucket_bytes):
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(self.device) for i in bucket])
+            self._bcast(flat)
+        return state_nbytes(state)
+
+    def recv(self) -> WeightSnapshot:
+        """Any other rank: the snapshot rank 0 sends (tensors are views of per-bucket buffers on this
+        member's device)."""
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._bcast(header)
+        version, length = (int(x) for x in header.tolist())
+        blob = torch.empty(length, dtype=torch.uint8, device=self.device)
+        self._bcast(blob)
+        spec = json.loads(bytes(blob.cpu().numpy()).decode())
+        meta = [(n, dt, shape) for n, dt, shape in spec["tensors"]]
+        state: dict[str, torch.Tensor] = {}
+        for bucket in _buckets(meta, int(spec["bucket"])):
+            dtype = getattr(torch, meta[bucket[0]][1])
+            sizes = [int(np.prod(meta[i][2], dtype=np.int64)) for i in bucket]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
+            self._bcast(flat)
+            for i, part in zip(bucket, flat.split(sizes), strict=True):
+                state[meta[i][0]] = part.view(meta[i][2])
+        return WeightSnapshot(policy_version=version, state=state)
+
+    def close(self) -> None:
+        self.group = None
+        self._store = None
+
+
+class WeightEndpoint:
+    """Mixin for Ray actors taking part in the collective path. The source (learner rank 0) implements
+    `weights_snapshot() -> WeightSnapshot`; receivers (generators) implement `load_weights(snapshot) -> int`.
+    """
+
+    _weights_listener: socket.socket | None = None
+    _weights_channel: WeightChannel | None = None
+    weights_bucket_bytes: int = BUCKET_BYTES
+
+    def weights_listen(self) -> tuple[str, int]:
+        """Source only: open the group's rendezvous on this node's address; returns (address, port)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        if self._weights_listener is None:
+            self._weights_listener = WeightChannel.listen(host)
+        return host, int(self._weights_listener.getsockname()[1])
+
+    def weights_join(
+        self,
+        rank: int,
+        world: int,
+        address: str,
+        port: int,
+        backend: Literal["nccl", "gloo"],
+        timeout_s: float,
+    ) -> None:
+        import os
+
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        if backend == "nccl" and host.startswith("127."):
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # keep NCCL's bootstrap on loopback too
+        self._weights_channel = WeightChannel.join(
+            rank=rank, world=world, address=address, port=port, backend=backend, bind_host=host,
+            listener=self._weights_listener, timeout_s=timeout_s,
+        )  # fmt: skip
+
+    def weights_send(self) -> tuple[int, int]:
+        """Source: broadcast the current snapshot; returns (version, bytes)."""
+        if self._weights_channel is None:
+            raise WeightSyncError("weights_send before weights_join")
+        snapshot: WeightSnapshot = self.weights_snapshot()  # type: ignore[attr-defined]
+        return snapshot.policy_version, self._weights_channel.send(snapshot, self.weights_bucket_bytes)
+
+    def weights_recv(self) -> int:
+        """Receiver: take the broadcast snapshot and load it; returns the version now held."""
+        if self._weights_channel is None:
+            raise WeightSyncError("weights_recv before weights_join")
+        return int(self.load_weights(self._weights_channel.recv()))  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------- controller
+class WeightSync:
+    """The controller's side of weight sync, for either backend."""
+
+    def __init__(self, backend: Backend = "object_store", *, timeout_s: float = 600.0) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.published: Published | None = None
+        self.last_version = -1
+        self._source: Any = None
+        self._receivers: list[Any] = []
+
+    def _check_version(self, version: int, rewind: bool) -> None:
+        if version < self.last_version and not rewind:
+            raise WeightSyncError(
+                f"policy version went back from {self.last_version} to {version} (pass rewind=True after a restore)"
+            )
+
+    def publish(self, snapshot: WeightSnapshot, *, rewind: bool = False) -> Published:
+        """Put the (packed) snapshot into the object store once; the previous one is released."""
+        import ray
+
+        self._check_version(snapshot.policy_version, rewind)
+        t0 = time.perf_counter()
+        ref = ray.put(pack(snapshot))
+        self.published = Published(
+            version=snapshot.policy_version,
+            ref=ref,
+            nbytes=state_nbytes(snapshot.state),
+            put_s=time.perf_counter() - t0,
+        )
+        self.last_version = snapshot.policy_version
+        return self.published
+
+    def deliver(
+        self, receivers: Sequence[Any], published: Published | None = None, method: str = "load_weights"
+    ) -> SyncStats:
+        """Hand the ref to every receiver's `method` and wait until each reports the published version."""
+        import ray
+
+        pub = published or self.published
+        if pub is None:
+            raise WeightSyncError("deliver before publish")
+        t0 = time.perf_counter()
+        got = ray.get([getattr(h, method).remote(pub.ref) for h in receivers], timeout=self.timeout_s)
+        _expect(got, pub.version)
+        return SyncStats(version=pub.version, nbytes=pub.nbytes, seconds=pub.put_s + time.perf_counter() - t0)
+
+    def connect(self, source: Any, receivers: Sequence[Any]) -> None:
+        """Form the broadcast group: source is rank 0, receivers 1..n (all `WeightEndpoint` actors)."""
+        import ray
+
+        if self.backend == "object_store":
+            raise WeightSyncError("connect is for the nccl/gloo backends")
+        address, port = ray.get(source.weights_listen.remote(), timeout=self.timeout_s)
+        world = 1 + len(receivers)
+        members = [source, *receivers]
+        ray.get(
+            [
+                m.weights_join.remote(r, world, address, port, self.backend, self.timeout_s)
+                for r, m in enumerate(members)
+            ],
+            timeout=self.timeout_s,
+        )
+        self._source, self._receivers = source, list(receivers)
+
+    def broadcast(self, *, rewind: bool = False) -> SyncStats:
+        """One collective sync of the source's current snapshot to every receiver."""
+        import ray
+
+        if self._source is None:
+            raise WeightSyncError("broadcast before connect")
+        t0 = time.perf_counter()
+        sent = self._source.weights_send.remote()
+        got = ray.get([r.weights_recv.remote() for r in self._receivers], timeout=self.timeout_s)
+        version, nbytes = ray.get(sent, timeout=self.timeout_s)
+        self._check_version(version, rewind)
+        _expect(got, version)
+        self.last_version = version
+        return SyncStats(version=version, nbytes=nbytes, seconds=time.perf_counter() - t0)
+
+
+def _expect(got: list[int], version: int) -> None:
+    wrong = {i: v for i, v in enumerate(got) if v != version}
+    if wrong:
+        raise WeightSyncError(
+            f"generators {sorted(wrong)} report versions {list(wrong.values())}, expected {version}"
+        )
+
+
+__all__ = [
+    "Published",
+    "SyncStats",
+    "WeightChannel",
+    "WeightEndpoint",
+    "WeightSync",
+    "WeightSyncError",
+    "pack",
+    "state_nbytes",
+]
