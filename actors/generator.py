@@ -21,6 +21,17 @@ from policy.flow import SamplerConfig, sample
 from policy.sana import ModelConfig, SanaDiT, build_policy
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class StaleWeights(RuntimeError):
     """The generator holds another policy version than the caller expects (e.g. after a restart)."""
 
@@ -158,6 +169,10 @@ class RolloutGeneratorActor:
         self.seconds += time.perf_counter() - t0
         self.images_generated += len(out)
         return out
+
+    def digest(self) -> tuple[int, str]:
+        """(version, hash of the full-precision weights): lets the controller prove the sync landed."""
+        return self.engine.version, state_digest(self.engine.policy.state_dict())
 
     def stats(self) -> dict[str, float]:
         return {"images": float(self.images_generated), "seconds": self.seconds}

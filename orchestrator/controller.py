@@ -85,6 +85,7 @@ class Controller:
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self._checkpoint()
             after = self._evaluate("after")
+            in_sync = self._weights_in_sync()
             self._checkpoint()
             roles.learners.export_diffusers(str(self.run_dir / "export"))
             summary = {
@@ -94,6 +95,7 @@ class Controller:
                 "after": after,
                 "counters": _asdict(self.counters),
                 "generator": _asdict(roles.pool.stats) if roles.pool else {},
+                "weights_in_sync": in_sync,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             return summary
@@ -248,6 +250,20 @@ class Controller:
         self.roles.metrics.log(self.step, {f"eval/{k}": v for k, v in out.items()})
         self.roles.save_grid(roll.images, roll.prompts, self.run_dir / "samples" / f"{tag}.png")
         return out
+
+    def _weights_in_sync(self) -> bool | None:
+        """Every generator holds exactly the learner's rollout weights at the current version."""
+        import ray
+
+        from actors.generator import state_digest
+
+        assert self.roles is not None
+        if self.roles.pool is None:
+            return None
+        snap = self.roles.learners.state_for_rollout()
+        want = (snap.policy_version, state_digest(snap.state))
+        got = ray.get([h.digest.remote() for h in self.roles.pool.handles])
+        return all(tuple(g) == want for g in got)
 
     def _seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng))
