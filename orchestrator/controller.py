@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,10 @@ class Controller:
         self.counters = Counters()
         self.roles: Roles | None = None
         self.history: list[dict[str, float]] = []
+        self.produced = 0
+        """Rollout rounds produced; equals `step` in sync mode, runs ahead of it in async mode."""
+        self._producer: AsyncProducer | None = None
+        self._log_lock = threading.Lock()
 
     # ---------------------------------------------------------------- lifecycle
     def run(self, resume: bool) -> dict[str, Any]:
@@ -72,6 +77,8 @@ class Controller:
                 self._restore(ckpt)
             self._sync()
             before = self._evaluate("before") if self.step == 0 else {}
+            if cfg.run.mode in RL_MODES and cfg.pipeline.enabled:
+                self._producer = AsyncProducer(self)
             while self.step < cfg.run.steps:
                 metrics = self._guarded_step()
                 self.step += 1
@@ -84,6 +91,8 @@ class Controller:
                     self._evaluate(f"step{self.step}")
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self._checkpoint()
+            if self._producer is not None:
+                self.counters.stale_dropped = self._producer.stop()
             after = self._evaluate("after")
             in_sync = self._weights_in_sync()
             self._checkpoint()
@@ -100,6 +109,8 @@ class Controller:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             return summary
         finally:
+            if self._producer is not None:
+                self._producer.stop()
             roles.shutdown()
 
     # ---------------------------------------------------------------- one step
@@ -128,7 +139,12 @@ class Controller:
     def _train_step(self) -> dict[str, float]:
         assert self.roles is not None
         t0 = time.perf_counter()
-        batch, metrics = self._make_batch() if self.cfg.run.mode in RL_MODES else self._dataset_batch()
+        if self._producer is not None:
+            batch, metrics = self._producer.next_batch(self.version)
+        elif self.cfg.run.mode in RL_MODES:
+            batch, metrics = self._make_batch()
+        else:
+            batch, metrics = self._dataset_batch()
         t1 = time.perf_counter()
         if batch is None:
             self.counters.skipped_steps += 1
@@ -142,6 +158,8 @@ class Controller:
             self.counters.skipped_steps += 1
             self.counters.skip("non_finite_grad")
         self.version = version
+        if self._producer is not None:
+            self._producer.buffer.advance(version)
         if self.roles.pool is not None:  # SFT/pretraining sync lazily, before they sample for evaluation
             self._sync()
         t3 = time.perf_counter()
@@ -165,7 +183,8 @@ class Controller:
         cfg, ro, pool = self.cfg, self.cfg.rollout, self.roles.pool
         world = self.roles.learners.world
         prompts = self.roles.data.next_prompts(ro.prompts_per_step)
-        first_group = self.step * ro.prompts_per_step
+        first_group = self.produced * ro.prompts_per_step
+        self.produced += 1
         n = ro.num_seeds if cfg.run.mode != "grpo" else ro.keep
         group_ids = [first_group + i for i in range(len(prompts)) for _ in range(n)]
         seeds = [self._seed() for _ in group_ids]
@@ -220,7 +239,8 @@ class Controller:
             len(roll) / max(self.roles.pool.stats.seconds, 1e-9) if self.roles.pool else 0.0
         )
         metrics[f"time/score_{stage}_s"] = dt
-        self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step)
+        with self._log_lock:
+            self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step)
         return rew
 
     # ---------------------------------------------------------------- sync, eval, checkpoints
@@ -246,7 +266,8 @@ class Controller:
             ok = rew.ok  # raw scores: the normalised total depends on the run's reward statistics
             for name, vals in {**rew.per_scorer, **rew.extras}.items():
                 out[name] = float(vals[ok].mean()) if ok.any() else float("nan")
-            self.roles.rollout_log.append(roll, rew, stage="eval", step=self.step)
+            with self._log_lock:
+                self.roles.rollout_log.append(roll, rew, stage="eval", step=self.step)
         self.roles.metrics.log(self.step, {f"eval/{k}": v for k, v in out.items()})
         self.roles.save_grid(roll.images, roll.prompts, self.run_dir / "samples" / f"{tag}.png")
         return out
@@ -303,6 +324,9 @@ class Controller:
             "rewards": self.roles.rewards.state(),
             "counters": _asdict(self.counters),
             "history": self.history,
+            "produced": self.produced,
+            # Async: undelivered rollouts are not saved; the record says how many were discarded.
+            "buffer": _asdict(self._producer.buffer.state(keep_items=False)) if self._producer else None,
         }
         (tmp / "controller.json").write_text(json.dumps(state))
         (tmp / "COMPLETE").write_text("ok\n")
@@ -320,6 +344,7 @@ class Controller:
         self.roles.rewards.load_state(state["rewards"])
         self.counters = Counters(**state["counters"])
         self.history = state["history"]
+        self.produced = int(state.get("produced", self.step))
         log.info("resumed from %s at step %d", ckpt, self.step)
 
 
@@ -345,3 +370,56 @@ def _asdict(obj: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(obj)
+
+
+class AsyncProducer:
+    """Asynchronous mode: a thread produces rollout batches (generate, score, select) into a bounded
+    buffer while the learner trains. Every batch carries the policy version that sampled it, and the
+    buffer never hands out one older than `pipeline.max_staleness` versions (those are dropped, counted).
+    Weight sync takes the generator pool's lock, so a group is never sampled with two versions."""
+
+    def __init__(self, controller: Controller) -> None:
+        from orchestrator.buffer import StalenessBuffer
+
+        self.c = controller
+        self.buffer: StalenessBuffer[tuple[TrainBatch | None, dict[str, float]]] = (
+            StalenessBuffer.from_config(controller.cfg.pipeline)
+        )
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                assert self.c.roles is not None and self.c.roles.pool is not None
+                version = self.c.roles.pool.version
+                batch, metrics = self.c._make_batch()
+                if not self.buffer.put(batch.policy_version if batch else version, (batch, metrics)):
+                    return
+        except BaseException as exc:  # surfaced to the learner loop by next_batch
+            self.error = exc
+            self.buffer.close()
+
+    def next_batch(self, current_version: int) -> tuple[TrainBatch | None, dict[str, float]]:
+        item = self.buffer.get(current_version)
+        if item is None:
+            raise RunFailed(f"rollout producer stopped: {self.error!r}") from self.error
+        batch, metrics = item.payload
+        if batch is not None and item.weight != 1.0 and batch.advantages is not None:
+            batch.advantages = batch.advantages * item.weight  # stale_policy: reweight
+        return batch, {
+            **metrics,
+            "staleness": float(item.staleness),
+            "queue_depth": float(len(self.buffer)),
+            "stale_dropped": float(self.buffer.state(keep_items=False).dropped_stale),
+        }
+
+    def stop(self) -> int:
+        """Stop producing; returns how many batches were dropped as too stale over the run."""
+        self._stop.set()
+        dropped = self.buffer.state(keep_items=False).dropped_stale
+        self.buffer.close()
+        self._thread.join(timeout=300)
+        return dropped

@@ -8,6 +8,7 @@ function of (version, prompts, seeds), so a repeated call returns the same sampl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,15 +45,18 @@ class GeneratorPool:
     version: int = -1
     snapshot_ref: Any = None
     stats: PoolStats = field(default_factory=PoolStats)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    """Held for a whole generate or load: a sync waits for in-flight groups (async mode)."""
 
     def load(self, snapshot_ref: Any, version: int) -> None:
         """Send one weight snapshot (an object-store ref) to every replica; they re-quantize on receipt."""
         import ray
 
-        got = ray.get([h.load_weights.remote(snapshot_ref) for h in self.handles])
-        if any(v != version for v in got):
-            raise RuntimeError(f"generators loaded versions {got}, expected {version}")
-        self.version, self.snapshot_ref = version, snapshot_ref
+        with self.lock:
+            got = ray.get([h.load_weights.remote(snapshot_ref) for h in self.handles])
+            if any(v != version for v in got):
+                raise RuntimeError(f"generators loaded versions {got}, expected {version}")
+            self.version, self.snapshot_ref = version, snapshot_ref
 
     def generate(
         self,
@@ -65,8 +69,21 @@ class GeneratorPool:
         return_trajectory: bool = False,
         noise_level: float | None = None,
     ) -> Rollouts:
-        """Samples for every (prompt, seed); whole groups go to one replica so no group mixes versions."""
+        """Samples for every (prompt, seed); whole groups go to one replica so no group mixes versions.
+        Holds the pool lock throughout, so a weight sync waits for the groups in flight."""
+        with self.lock:
+            return self._generate(prompts, seeds, group_ids, steps, precision, return_trajectory, noise_level)
 
+    def _generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        group_ids: list[int],
+        steps: int,
+        precision: Format,
+        return_trajectory: bool,
+        noise_level: float | None,
+    ) -> Rollouts:
         t0 = time.perf_counter()
         groups = sorted(set(group_ids))
         shards: list[list[int]] = [[] for _ in self.handles]
