@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_bad_sampler_inputs_are_refused() -> None:
         sample(_tiny_model(), seeds=[1], text=text, text_mask=mask, latent_shape=LATENT, cfg=SamplerConfig())
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # Tiny ops gain nothing from threads, and spinning OpenMP threads crawl when other jobs share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_tiny_model_overfits_a_few_pairs_with_the_flow_matching_loss() -> None:
     torch.manual_seed(0)
     model = SanaDiT(TINY)
