@@ -49,7 +49,9 @@ def to_markdown(rows: list[Row]) -> str:
         base = f"{r.baseline:.4g} ({r.baseline_name})" if r.baseline is not None else r.baseline_name
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r.met]
-        lines.append(f"| {r.suite} | {r.case} | {r.metric} | {value} | {base} | {ratio} | {r.target} | {met} | {r.note} |")
+        lines.append(
+            f"| {r.suite} | {r.case} | {r.metric} | {value} | {base} | {ratio} | {r.target} | {met} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -78,7 +80,8 @@ def main(suites: list[str], *, quick: bool = False, out: str | None = None) -> i
         meta = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine(),
-            "command": "sana-rl bench " + " ".join(([*suites] if suites else []) + (["--quick"] if quick else [])),
+            "command": "sana-rl bench "
+            + " ".join(([*suites] if suites else []) + (["--quick"] if quick else [])),
         }
         path.write_text(json.dumps({**meta, "rows": [r.as_dict() for r in rows]}, indent=2, default=str))
         path.with_suffix(".md").write_text(

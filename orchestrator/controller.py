@@ -171,6 +171,7 @@ class Controller:
         assert self.roles is not None
         images, captions = self.roles.data.next_images(self.cfg.learner.batch_size)
         engine = self.roles.local_engine
+        assert engine is not None  # dataset modes sample and encode in-process
         x0 = engine.codec.encode(_from_uint8(images))
         text, mask = engine.encode(captions)
         return TrainBatch(

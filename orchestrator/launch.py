@@ -123,7 +123,7 @@ def _connect(cfg: RunConfig) -> None:
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:
         start_local(cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
     _STARTED_HERE.append(True)

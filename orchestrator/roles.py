@@ -173,7 +173,8 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
     res = cfg.resources
     rl = cfg.run.mode in RL_MODES
 
-    hosts, specs = [], []
+    hosts: list[Any] = []
+    specs: list[Any] = []
     for spec in cfg.rewards:
         if spec.address or spec.replicas:
             specs.append(spec)
@@ -205,7 +206,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
             ).remote(cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats, num_threads=res.generator_threads)
             for i in range(res.generators)
         ]  # fmt: skip
-        ray.get([h.ready.remote() for h in handles])
+        ray.get([h.ready.remote() for h in handles])  # type: ignore[attr-defined]
         pool = GeneratorPool(handles=handles)
     else:
         # SFT / pretraining start no generators: captions are encoded and evaluation sampled here.
