@@ -80,7 +80,9 @@ class Controller:
             if cfg.run.mode in RL_MODES and cfg.pipeline.enabled:
                 self._producer = AsyncProducer(self)
             while self.step < cfg.run.steps:
+                t_step = time.perf_counter()
                 metrics = self._guarded_step()
+                metrics["time/step_s"] = time.perf_counter() - t_step
                 self.step += 1
                 metrics["step"] = float(self.step)
                 self.history.append(metrics)
