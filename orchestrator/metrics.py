@@ -9,8 +9,8 @@ node's metrics agent (`ray_sana_rl_*` at http://127.0.0.1:<metrics_export_port>/
     <stage>/images_per_s      -> gauge     sana_rl_rollout_images_per_s{stage}
     <stage>/reward_mean       -> gauge     sana_rl_reward_mean{stage}
     reward/<name>/latency_s   -> histogram sana_rl_reward_latency_seconds{scorer}
-    pipeline/queue_depth      -> gauge     sana_rl_queue_depth
-    pipeline/staleness        -> gauge     sana_rl_staleness
+    queue_depth               -> gauge     sana_rl_queue_depth      (async buffer; also pipeline/queue_depth)
+    staleness                 -> gauge     sana_rl_staleness        (also pipeline/staleness)
     time/learn_s              -> histogram sana_rl_learner_step_seconds
     every logged step         -> counter   sana_rl_steps_total; non-finite values: sana_rl_non_finite_total
 
@@ -108,8 +108,8 @@ _RAY_ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?P<stage>preview|final|eval)/images_per_s"), "sana_rl_rollout_images_per_s"),
     (re.compile(r"(?P<stage>preview|final|eval)/reward_mean"), "sana_rl_reward_mean"),
     (re.compile(r"reward/(?P<scorer>[^/]+)/latency_s"), "sana_rl_reward_latency_seconds"),
-    (re.compile(r"pipeline/queue_depth"), "sana_rl_queue_depth"),
-    (re.compile(r"pipeline/staleness"), "sana_rl_staleness"),
+    (re.compile(r"(pipeline/)?queue_depth"), "sana_rl_queue_depth"),
+    (re.compile(r"(pipeline/)?staleness"), "sana_rl_staleness"),
     (re.compile(r"time/learn_s"), "sana_rl_learner_step_seconds"),
 )
 _SECONDS_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]

@@ -20,7 +20,7 @@ def test_step_metrics_appear_in_the_prometheus_export(ray_cluster: dict[str, Any
         1,
         {
             "final/images_per_s": 12.5, "preview/images_per_s": 40.0, "final/reward_mean": 0.75,
-            "reward/probe_scorer/latency_s": 0.2, "pipeline/queue_depth": 2, "pipeline/staleness": 1,
+            "reward/probe_scorer/latency_s": 0.2, "queue_depth": 2, "pipeline/staleness": 1,
             "time/learn_s": 1.5, "learner/loss": float("nan"),
         },
     )  # fmt: skip
