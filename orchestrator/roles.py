@@ -148,13 +148,14 @@ class Roles:
         self.rewards.close()
         for host in self.reward_hosts:
             try:
-                ray.get(host.stop.remote(), timeout=30)
+                ray.get(host.stop.remote(), timeout=30)  # graceful: NOT_SERVING, drain
             except Exception:  # already gone; nothing left to drain
                 log.debug("reward host did not stop cleanly", exc_info=True)
+            ray.kill(host, no_restart=True)  # frees its name for the next run on this cluster
         self.learners.shutdown()
         if self.pool is not None:
             for h in self.pool.handles:
-                ray.kill(h)
+                ray.kill(h, no_restart=True)
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
 
