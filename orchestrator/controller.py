@@ -135,7 +135,7 @@ class Controller:
             self.roles.learners.restart()
             if ckpt is not None:
                 self._restore(ckpt)  # else the restarted ranks start from model.pretrained again
-            self._sync()
+            self._sync(rewind=True)
             return self._train_step()
 
     def _train_step(self) -> dict[str, float]:
@@ -247,11 +247,11 @@ class Controller:
         return rew
 
     # ---------------------------------------------------------------- sync, eval, checkpoints
-    def _sync(self) -> None:
+    def _sync(self, rewind: bool = False) -> None:
         assert self.roles is not None
         snapshot = self.roles.learners.state_for_rollout()
         self.version = snapshot.policy_version
-        self.roles.publish(snapshot)
+        self.roles.publish(snapshot, rewind=rewind)
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         assert self.roles is not None
@@ -348,6 +348,7 @@ class Controller:
         self.counters = Counters(**state["counters"])
         self.history = state["history"]
         self.produced = int(state.get("produced", self.step))
+        self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         log.info("resumed from %s at step %d", ckpt, self.step)
 
 

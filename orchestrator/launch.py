@@ -7,7 +7,6 @@ Everything that can be wrong with the input is checked before any actor starts, 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -116,16 +115,12 @@ _STARTED_HERE: list[bool] = []
 def _connect(cfg: RunConfig) -> None:
     import ray
 
-    from orchestrator.cluster import start_local
+    from orchestrator.cluster import connect
 
     if ray.is_initialized():
         _STARTED_HERE.append(False)
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    else:
-        start_local(cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
+    connect(cfg.cluster)  # an embedded loopback cluster, or the one at cluster.address / RAY_ADDRESS
     _STARTED_HERE.append(True)
 
 

@@ -19,6 +19,7 @@ from actors.learner import LearnerGroup
 from actors.records import Rewards, Rollouts, WeightSnapshot
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.rollout import GeneratorPool
+from orchestrator.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,14 @@ class Roles:
     rollout_log: Any
     placement_group: Any = None
     reward_hosts: list[Any] = field(default_factory=list)
+    sync: WeightSync = field(default_factory=WeightSync)
 
-    def publish(self, snapshot: WeightSnapshot) -> None:
-        """Versioned weight sync: one object-store copy, loaded (and re-quantized) by every generator."""
+    def publish(self, snapshot: WeightSnapshot, *, rewind: bool = False) -> None:
+        """Versioned weight sync: one object-store copy (raw buffers, read without copies), loaded and
+        re-quantized by every generator. `rewind` allows an older version (after a restore)."""
         if self.pool is not None:
-            import ray
-
-            self.pool.load(ray.put(snapshot), snapshot.policy_version)
+            published = self.sync.publish(snapshot, rewind=rewind)
+            self.pool.load(published.ref, published.version)
         if self.local_engine is not None:
             self.local_engine.load_weights(snapshot)
 
@@ -168,6 +170,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
     from orchestrator.placement import create_placement_group, plan_for, scheduling_strategy
     from orchestrator.progress import Progress
     from orchestrator.rollout_log import RolloutLog
+    from orchestrator.schema import to_dict
 
     plan = plan_for(cfg)
     pg = create_placement_group(plan)
@@ -220,7 +223,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         local_engine=engine,
         rewards=RewardScorer(specs),
         data=DataFeed(cfg),
-        metrics=MetricsLogger(cfg.logging, run_dir, run_name=cfg.run.name),
+        metrics=MetricsLogger(cfg.logging, run_dir, run_name=cfg.run.name, config=to_dict(cfg)),
         progress=Progress(cfg.logging, total=cfg.run.steps, stage=cfg.run.mode),
         rollout_log=RolloutLog(run_dir / "rollouts"),
         placement_group=pg,
