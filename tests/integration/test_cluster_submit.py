@@ -193,3 +193,19 @@ def test_entrypoint_and_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert auth_token() == "from-file"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert auth_token() == "from-env"
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_the_tiny_recipe_as_written(head: Head) -> None:
+    """`ray job submit --working-dir . -- recipes/tiny.yaml` (the recipe's shebang runs sana-rl)."""
+    small = [
+        "run.init_recipe=null", "run.steps=1", "run.checkpoint_every=0", "eval.num_prompts=1",
+        "eval.seeds_per_prompt=1", "eval.steps=2", "rollout.prompts_per_step=1", "rollout.num_seeds=4",
+        "rollout.keep=2", "rollout.preview_steps=1", "rollout.final_steps=2", "logging.wandb=disabled",
+        "resources.learner_cpus=0.5", "resources.generator_cpus=0.5", "resources.reward_cpus=0.25",
+    ]  # fmt: skip
+    sets = [arg for item in small for arg in ("--set", item)]
+    done = cli_submit(head, ["recipes/tiny.yaml", *sets], REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "== tiny: sol_rl, 1 steps" in done.stdout
+    assert "succeeded" in done.stdout + done.stderr
