@@ -25,7 +25,7 @@ import torch
 from actors.records import Rewards, Rollouts, TrainBatch
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.roles import Roles, start_roles
-from orchestrator.rollout import dpo_batch, grpo_batch, keep_seeds, nft_batch
+from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Controller:
             )  # fmt: skip
             rew = self._score(roll, "final", metrics)
             steps = grpo_train_steps(roll, cfg.loss.grpo.train_fraction, self.rng)
-            batch, m = grpo_batch(
+            batch, m = advantage_batch(
                 roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed(), train_steps=steps
             )
             return batch, {**metrics, **m}
@@ -221,7 +221,7 @@ class Controller:
             rew = self._score(roll, "final", metrics)
         else:
             roll, rew = roll.select(keep), rew.select(keep)
-        batch, m = nft_batch(roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed())
+        batch, m = advantage_batch(roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed())
         return batch, {**metrics, **m}
 
     def _score(self, roll: Rollouts, stage: str, metrics: dict[str, float]) -> Rewards:

@@ -164,37 +164,20 @@ class GeneratorPool:
                 time.sleep(0.5)
 
 
-def nft_batch(
-    rollouts: Rollouts, rewards: Rewards, *, std: str, world: int, seed: int
+def advantage_batch(
+    rollouts: Rollouts,
+    rewards: Rewards,
+    *,
+    std: str,
+    world: int,
+    seed: int,
+    train_steps: torch.Tensor | None = None,
 ) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Advantages per group; zero-signal groups and failed items are dropped, the rest trimmed to
-    a multiple of the learner world size. None when nothing carries signal."""
-    adv = group_advantages(rewards.total, rollouts.group_ids, std=std, ok=rewards.ok)  # type: ignore[arg-type]
-    keep = torch.nonzero(adv.mask).flatten()
-    keep = keep[: (keep.numel() // world) * world]
-    metrics = {"zero_var_fraction": float(adv.zero_var_fraction), "trained_items": float(keep.numel())}
-    if keep.numel() == 0:
-        return None, metrics
-    r = rollouts.select(keep)
-    return (
-        TrainBatch(
-            kind="nft",
-            policy_version=r.policy_version,
-            x0=r.latents,
-            text=r.text,
-            text_mask=r.text_mask,
-            advantages=adv.advantages[keep],
-            seed=seed,
-        ),
-        metrics,
-    )
-
-
-def grpo_batch(
-    rollouts: Rollouts, rewards: Rewards, *, std: str, world: int, seed: int, train_steps: torch.Tensor
-) -> tuple[TrainBatch | None, dict[str, float]]:
-    """GRPO batch: the SDE trajectories with the rollout log-probs of the kept items."""
-    if rollouts.trajectory is None or rollouts.log_probs is None:
+    """NFT batch (clean samples + advantages), or GRPO's when `train_steps` is given (the SDE
+    trajectories and rollout log-probs too). Zero-signal groups and failed items are dropped, the rest
+    trimmed to a multiple of the learner world size; None when nothing carries signal."""
+    grpo = train_steps is not None
+    if grpo and (rollouts.trajectory is None or rollouts.log_probs is None):
         raise ValueError("GRPO needs rollouts sampled with return_trajectory=True")
     adv = group_advantages(rewards.total, rollouts.group_ids, std=std, ok=rewards.ok)  # type: ignore[arg-type]
     keep = torch.nonzero(adv.mask).flatten()
@@ -203,22 +186,19 @@ def grpo_batch(
     if keep.numel() == 0:
         return None, metrics
     r = rollouts.select(keep)
-    return (
-        TrainBatch(
-            kind="grpo",
-            policy_version=r.policy_version,
-            x0=r.latents,
-            text=r.text,
-            text_mask=r.text_mask,
-            advantages=adv.advantages[keep],
-            trajectory=r.trajectory,
-            sigmas=r.sigmas,
-            log_probs=r.log_probs,
-            train_steps=train_steps,
-            seed=seed,
-        ),
-        metrics,
+    batch = TrainBatch(
+        kind="grpo" if grpo else "nft",
+        policy_version=r.policy_version,
+        x0=r.latents,
+        text=r.text,
+        text_mask=r.text_mask,
+        advantages=adv.advantages[keep],
+        seed=seed,
     )
+    if grpo:
+        batch.trajectory, batch.sigmas, batch.log_probs = r.trajectory, r.sigmas, r.log_probs
+        batch.train_steps = train_steps
+    return batch, metrics
 
 
 def dpo_batch(
