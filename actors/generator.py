@@ -63,7 +63,6 @@ class RolloutEngine:
         quant_cfg: QuantConfig,
         formats: list[Format],
     ) -> None:
-        torch.set_grad_enabled(False)
         self.sampler_cfg = sampler_cfg
         self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).eval()
         self.text_encoder = build_text_encoder(codec_cfg)
@@ -77,6 +76,7 @@ class RolloutEngine:
         self.version = -1
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @torch.no_grad()
     def load_weights(self, snapshot: WeightSnapshot) -> int:
         """Load a full state dict and re-quantize every rollout copy (in place after the first time)."""
         self.policy.load_state_dict(snapshot.state)
@@ -90,6 +90,7 @@ class RolloutEngine:
         self.version = snapshot.policy_version
         return self.version
 
+    @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings [N, L, Dc] and masks [N, L], memoised: the text encoder is frozen."""
         missing = sorted({p for p in prompts if p not in self._text_cache})
@@ -102,6 +103,7 @@ class RolloutEngine:
             torch.stack([self._text_cache[p][1] for p in prompts]),
         )
 
+    @torch.no_grad()
     def generate(self, req: GenerateRequest) -> Rollouts:
         if req.expect_version != self.version:
             raise StaleWeights(

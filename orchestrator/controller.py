@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from actors.records import Rewards, Rollouts, TrainBatch
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.roles import Roles, start_roles
 from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
+from policy.codecs import from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ class Controller:
         images, captions = self.roles.data.next_images(self.cfg.learner.batch_size)
         engine = self.roles.local_engine
         assert engine is not None  # dataset modes sample and encode in-process
-        x0 = engine.codec.encode(_from_uint8(images))
+        with torch.no_grad():  # frozen codecs
+            x0 = engine.codec.encode(from_uint8(images))
         text, mask = engine.encode(captions)
         return TrainBatch(
             kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=self._seed()
@@ -364,10 +365,6 @@ def grpo_train_steps(roll: Rollouts, fraction: float, rng: torch.Generator) -> t
     sde = torch.nonzero(roll.sde_mask).flatten()
     k = max(1, round(fraction * sde.numel()))
     return torch.sort(sde[torch.randperm(sde.numel(), generator=rng)[:k]]).values
-
-
-def _from_uint8(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
