@@ -131,10 +131,11 @@ class Controller:
                 raise RunFailed(f"learner failed at step {self.step}: {exc}") from exc
             ckpt = latest_checkpoint(self.run_dir)
             log.warning("learner failed (%s); restoring all ranks from %s", exc, ckpt)
-            self.counters.learner_restores += 1
+            restores = self.counters.learner_restores + 1
             self.roles.learners.restart()
             if ckpt is not None:
                 self._restore(ckpt)  # else the restarted ranks start from model.pretrained again
+            self.counters.learner_restores = restores  # the checkpoint's counters predate this failure
             self._sync(rewind=True)
             return self._train_step()
 
