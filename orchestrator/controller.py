@@ -245,7 +245,9 @@ class Controller:
         )
         metrics[f"time/score_{stage}_s"] = dt
         with self._log_lock:
-            self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step)
+            # the step these rollouts train (as metrics.jsonl counts), so a restore's drop_after(step)
+            # removes exactly the rows of the steps that run again
+            self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step + 1)
         return rew
 
     # ---------------------------------------------------------------- sync, eval, checkpoints
