@@ -184,9 +184,13 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
             specs.append(spec)
             continue
         from actors.reward_host import launch_reward_host
+        from rewards.server import ServerConfig
 
+        # A fixed port: when the host's process dies, Ray restarts it (max_restarts) and it serves again
+        # at the address the client dials; with port 0 it would come back elsewhere and the run would stop.
         host = launch_reward_host(
-            spec, num_cpus=res.reward_cpus, num_gpus=res.reward_gpus, name=f"reward-{spec.name}-0",
+            spec, server=ServerConfig(port=_free_loopback_port()),
+            num_cpus=res.reward_cpus, num_gpus=res.reward_gpus, name=f"reward-{spec.name}-0",
             scheduling_strategy=scheduling_strategy(plan, pg, "reward", len(hosts)),
         )  # fmt: skip
         hosts.append(host)
@@ -229,3 +233,12 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         placement_group=pg,
         reward_hosts=hosts,
     )
+
+
+def _free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now. A launched reward host binds loopback, so it runs on this node."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
