@@ -118,10 +118,24 @@ class Controller:
     # ---------------------------------------------------------------- one step
     def _guarded_step(self) -> dict[str, float]:
         from actors.learner import LearnerFailed
+        from orchestrator.rollout import GenerationFailed
+        from rewards.client import RewardServiceDown
 
         assert self.roles is not None
+        start = self._state() if self._producer is None else None
         try:
             return self._train_step()
+        except (RewardServiceDown, GenerationFailed, RunFailed) as exc:
+            # Stop with a checkpoint to resume from. In sync mode it holds the state this step started
+            # from (the step trained nothing), so a resumed run repeats the step exactly.
+            if start is not None:
+                self._load_state(start)
+            self._checkpoint_if_possible()
+            if isinstance(exc, RunFailed):
+                raise
+            raise RunFailed(
+                f"step {self.step + 1} failed (checkpoint of step {self.step} kept): {exc}"
+            ) from exc
         except LearnerFailed as exc:
             if (
                 self.cfg.run.on_learner_failure == "stop"
@@ -323,35 +337,42 @@ class Controller:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.roles.learners.save(str(tmp / "learner"))
-        state = {
+        (tmp / "controller.json").write_text(json.dumps(self._state()))
+        (tmp / "COMPLETE").write_text("ok\n")
+        tmp.rename(final)  # atomic: a half-written checkpoint never has this name
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _state(self) -> dict[str, Any]:
+        """The controller's part of a checkpoint: position, RNG, data, reward statistics, counters."""
+        assert self.roles is not None
+        return {
             "step": self.step,
             "version": self.version,
             "rng": self.rng.get_state().tolist(),
             "data": self.roles.data.state(),
             "rewards": self.roles.rewards.state(),
             "counters": _asdict(self.counters),
-            "history": self.history,
+            "history": list(self.history),
             "produced": self.produced,
             # Async: undelivered rollouts are not saved; the record says how many were discarded.
             "buffer": _asdict(self._producer.buffer.state(keep_items=False)) if self._producer else None,
         }
-        (tmp / "controller.json").write_text(json.dumps(state))
-        (tmp / "COMPLETE").write_text("ok\n")
-        tmp.rename(final)  # atomic: a half-written checkpoint never has this name
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.run.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
 
-    def _restore(self, ckpt: Path) -> None:
+    def _load_state(self, state: dict[str, Any]) -> None:
         assert self.roles is not None
-        state = json.loads((ckpt / "controller.json").read_text())
-        self.roles.learners.load(str(ckpt / "learner"))
         self.step, self.version = int(state["step"]), int(state["version"])
         self.rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
         self.roles.data.load_state(state["data"])
         self.roles.rewards.load_state(state["rewards"])
         self.counters = Counters(**state["counters"])
-        self.history = state["history"]
+        self.history = list(state["history"])
         self.produced = int(state.get("produced", self.step))
+
+    def _restore(self, ckpt: Path) -> None:
+        assert self.roles is not None
+        self.roles.learners.load(str(ckpt / "learner"))
+        self._load_state(json.loads((ckpt / "controller.json").read_text()))
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         log.info("resumed from %s at step %d", ckpt, self.step)
 
