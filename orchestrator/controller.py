@@ -228,6 +228,8 @@ class Controller:
             batch, m = dpo_batch(roll, rew, world=world, seed=self._seed())
             return batch, {**metrics, **m}
         keep = keep_seeds(roll, rew, keep=ro.keep, how=ro.selection, generator=self.rng)
+        if keep.numel() == 0:  # every preview item failed scoring: nothing to regenerate or train
+            return None, {**metrics, "trained_items": 0.0}
         if ro.two_stage:
             kept = roll.select(keep)
             roll = pool.generate(
