@@ -51,12 +51,23 @@ class GeneratorPool:
     def load(self, snapshot_ref: Any, version: int) -> None:
         """Send one weight snapshot (an object-store ref) to every replica; they re-quantize on receipt."""
         import ray
+        from ray.exceptions import RayActorError
 
         with self.lock:
-            got = ray.get([h.load_weights.remote(snapshot_ref) for h in self.handles])
+            self.snapshot_ref = snapshot_ref  # what a restarted replica reloads
+            refs = [h.load_weights.remote(snapshot_ref) for h in self.handles]
+            got = []
+            for replica, ref in enumerate(refs):
+                try:
+                    got.append(ray.get(ref))
+                except RayActorError as exc:  # died mid-sync: Ray restarts it, the new process loads
+                    log.warning("generator-%d died loading v%d (%s); reloading", replica, version, exc)
+                    self.stats.restarts += 1
+                    self._reload(replica)
+                    got.append(version)
             if any(v != version for v in got):
                 raise RuntimeError(f"generators loaded versions {got}, expected {version}")
-            self.version, self.snapshot_ref = version, snapshot_ref
+            self.version = version
 
     def generate(
         self,
