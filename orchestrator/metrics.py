@@ -51,9 +51,10 @@ class LoggingConfig:
     ray_metrics: bool = True
     """Export gauges, counters and histograms through ray.util.metrics (Ray dashboard / Prometheus)."""
     plot_keys: list[str] = field(
-        default_factory=lambda: ["final/reward_mean", "eval/reward_mean", "learner/loss"]
+        default_factory=lambda: ["final/reward_mean", "learner/loss"]
     )
-    """Curves drawn into reward_curve.png at the end of the run."""
+    """Curves drawn into reward_curve.png at the end of the run (reward_mean is the normalised
+    combination; raw scores are logged per scorer, e.g. final/composition, eval/composition)."""
 
 
 # ------------------------------------------------------------------------------------------- secrets
