@@ -50,9 +50,7 @@ class LoggingConfig:
     """Live progress display on a terminal (off when stdout is not a TTY)."""
     ray_metrics: bool = True
     """Export gauges, counters and histograms through ray.util.metrics (Ray dashboard / Prometheus)."""
-    plot_keys: list[str] = field(
-        default_factory=lambda: ["final/reward_mean", "learner/loss"]
-    )
+    plot_keys: list[str] = field(default_factory=lambda: ["final/reward_mean", "learner/loss"])
     """Curves drawn into reward_curve.png at the end of the run (reward_mean is the normalised
     combination; raw scores are logged per scorer, e.g. final/composition, eval/composition)."""
 
