@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from actors.learner import LearnerConfig
-from policy.losses import LossConfig
-from rewards.client import RewardSpec
 
+from actors.learner import LearnerConfig
 from kernels.quantize import Format, QuantConfig
 from orchestrator.buffer import AsyncConfig
 from orchestrator.cluster import ClusterConfig
@@ -27,7 +25,9 @@ from orchestrator.placement import ResourcesConfig
 from orchestrator.schema import ConfigError, from_dict, set_path, to_dict
 from policy.codecs import CodecConfig
 from policy.flow import SamplerConfig
+from policy.losses import LossConfig
 from policy.sana import ModelConfig
+from rewards.client import RewardSpec
 
 Mode = Literal["pretrain", "sft", "sol_rl", "grpo", "dpo"]
 RL_MODES: tuple[str, ...] = ("sol_rl", "grpo", "dpo")
