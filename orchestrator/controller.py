@@ -340,6 +340,8 @@ class Controller:
         tmp.mkdir(parents=True)
         self.roles.learners.save(str(tmp / "learner"))
         (tmp / "controller.json").write_text(json.dumps(self._state()))
+        with self._log_lock:  # rows of the steps this checkpoint covers must outlive a killed driver
+            self.roles.rollout_log.flush()
         (tmp / "COMPLETE").write_text("ok\n")
         tmp.rename(final)  # atomic: a half-written checkpoint never has this name
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.run.keep_checkpoints]:
