@@ -201,6 +201,7 @@ class Controller:
         assert self.roles is not None and self.roles.pool is not None
         cfg, ro, pool = self.cfg, self.cfg.rollout, self.roles.pool
         world = self.roles.learners.world
+        gen0 = pool.stats.seconds  # generation time of this batch, for the step's stage split
         prompts = self.roles.data.next_prompts(ro.prompts_per_step)
         first_group = self.produced * ro.prompts_per_step
         self.produced += 1
@@ -219,14 +220,14 @@ class Controller:
             batch, m = advantage_batch(
                 roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed(), train_steps=steps
             )
-            return batch, {**metrics, **m}
+            return batch, {**metrics, **m, "time/generate_s": pool.stats.seconds - gen0}
         roll = pool.generate(
             flat_prompts, seeds, group_ids, steps=ro.preview_steps, precision=ro.preview_precision
         )
         rew = self._score(roll, "preview", metrics)
         if cfg.run.mode == "dpo":
             batch, m = dpo_batch(roll, rew, world=world, seed=self._seed())
-            return batch, {**metrics, **m}
+            return batch, {**metrics, **m, "time/generate_s": pool.stats.seconds - gen0}
         keep = keep_seeds(roll, rew, keep=ro.keep, how=ro.selection, generator=self.rng)
         if keep.numel() == 0:  # every preview item failed scoring: nothing to regenerate or train
             return None, {**metrics, "trained_items": 0.0}
@@ -240,7 +241,7 @@ class Controller:
         else:
             roll, rew = roll.select(keep), rew.select(keep)
         batch, m = advantage_batch(roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed())
-        return batch, {**metrics, **m}
+        return batch, {**metrics, **m, "time/generate_s": pool.stats.seconds - gen0}
 
     def _score(self, roll: Rollouts, stage: str, metrics: dict[str, float]) -> Rewards:
         assert self.roles is not None
