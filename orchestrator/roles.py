@@ -189,7 +189,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         # A fixed port: when the host's process dies, Ray restarts it (max_restarts) and it serves again
         # at the address the client dials; with port 0 it would come back elsewhere and the run would stop.
         host = launch_reward_host(
-            spec, server=ServerConfig(port=_free_loopback_port()),
+            spec, server=ServerConfig(port=_free_loopback_port()), max_restarts=-1,
             num_cpus=res.reward_cpus, num_gpus=res.reward_gpus, name=f"reward-{spec.name}-0",
             scheduling_strategy=scheduling_strategy(plan, pg, "reward", len(hosts)),
         )  # fmt: skip
@@ -206,10 +206,13 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
     if rl:
         formats = sorted({cfg.rollout.preview_precision, cfg.rollout.final_precision, "bf16"})
         actor = ray.remote(RolloutGeneratorActor)
+        # Ray's max_restarts is a lifetime budget: a days-long run would lose a generator (and stop) at its
+        # fifth preemption. Unbounded here; a replica that keeps dying within one call still stops the run
+        # (GeneratorPool.max_attempts), as a reward host that stays down does (the client's retry budget).
         handles = [
             actor.options(
                 name=f"generator-{i}", num_cpus=res.generator_cpus, num_gpus=res.generator_gpus,
-                max_restarts=4, max_task_retries=0,
+                max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=scheduling_strategy(plan, pg, "generator", i),
             ).remote(cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats, num_threads=res.generator_threads)
             for i in range(res.generators)
