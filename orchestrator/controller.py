@@ -142,7 +142,7 @@ class Controller:
                 or self.counters.learner_restores >= self.cfg.run.max_restores
             ):
                 self._checkpoint_if_possible()
-                raise RunFailed(f"learner failed at step {self.step}: {exc}") from exc
+                raise RunFailed(f"learner failed in step {self.step + 1}: {exc}") from exc
             ckpt = latest_checkpoint(self.run_dir)
             log.warning("learner failed (%s); restoring all ranks from %s", exc, ckpt)
             restores = self.counters.learner_restores + 1
