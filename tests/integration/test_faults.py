@@ -93,6 +93,10 @@ def _calls(obj: Any, name: str, monkeypatch: pytest.MonkeyPatch, on_call: Any) -
 
 def _sigkill_and_wait(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+
+
+def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -100,7 +104,7 @@ def _sigkill_and_wait(pid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.02)
-    raise AssertionError(f"process {pid} survived SIGKILL")
+    raise AssertionError(f"process {pid} survived its kill")
 
 
 def _actor_pid(handle: Any) -> int:
@@ -181,7 +185,7 @@ def test_reward_service_killed_and_restarted_is_retried_not_zero_filled(
             _sigkill_and_wait(pids[-1])
         else:  # step 3, final: Ray kills it and restarts it
             ray.kill(host, no_restart=False)
-            time.sleep(0.5)
+            _wait_gone(pids[-1])
 
     _calls(RewardScorer, "score", monkeypatch, on_call)
     summary = run_faulty(tmp_path, policy, steps=3)
@@ -257,7 +261,7 @@ def test_learner_rank_killed_with_on_learner_failure_stop_ends_the_run_clearly(
     pids: list[int] = []
     _kill_rank0_on(1, monkeypatch, pids)
     with pytest.raises(
-        RunFailed, match=r"learner failed at step 1: learner-rank0 failed in forward_backward"
+        RunFailed, match=r"learner failed in step 2: learner-rank0 failed in forward_backward"
     ):
         run_faulty(tmp_path, policy, steps=3, extra=("run.on_learner_failure=stop",))
     ckpt = latest_checkpoint(tmp_path)
