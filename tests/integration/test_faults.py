@@ -314,19 +314,36 @@ def nan_service() -> Iterator[tuple[str, NaNJpeg]]:
     thread.join(10)
 
 
-def test_non_finite_rewards_are_skipped_and_counted_until_the_skip_rate_stops_the_run(
-    ray_cluster: object, policy: Path, tmp_path: Path, nan_service: tuple[str, NaNJpeg]
+def test_non_finite_rewards_and_gradients_are_skipped_and_counted_until_the_skip_rate_stops_the_run(
+    ray_cluster: object,
+    policy: Path,
+    tmp_path: Path,
+    nan_service: tuple[str, NaNJpeg],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import torch
+
+    from actors.learner import LearnerGroup
+    from actors.records import TrainBatch
     from orchestrator.rollout_log import read_rollout_log
 
+    def poison(n: int, group: LearnerGroup, args: tuple[Any, ...]) -> None:
+        batch: TrainBatch = args[0]
+        if n == 1 and batch.advantages is not None:  # step 2: the loss and every gradient turn NaN
+            batch.advantages = torch.full_like(batch.advantages, math.nan)
+
+    _calls(LearnerGroup, "forward_backward", monkeypatch, poison)
     address, scorer = nan_service
     spec = f"rewards=[{{name: {REWARD}, scorer: jpeg_compressibility, address: '{address}'}}]"
-    with pytest.raises(RunFailed, match=r"max_skip_rate=0.3.*reward_failed"):
+    with pytest.raises(RunFailed, match=r"max_skip_rate=0.3.*reward_failed.*non_finite_grad"):
         run_faulty(tmp_path, policy, steps=10, extra=(spec, "run.max_skip_rate=0.3"))
 
     rows = step_rows(tmp_path)
-    assert all("learner/loss" in rows[s] for s in range(1, 5)), "1 in 8 failed items: steps 1-4 trained"
-    assert 5 <= max(rows) < 10, "stopped once the item skip rate passed 0.3, after step 4"
+    assert all("learner/loss" in rows[s] for s in range(1, 5)), "1 in 8 failed items: steps 1-4 train"
+    assert rows[2]["learner/skipped"] == 1.0 and rows[2]["learner/nonfinite_loss"] == 1.0
+    assert rows[2]["learner/loss"] is None and "learner/loss" in rows[2]["non_finite"]  # null, flagged
+    assert not rows[3].get("learner/skipped") and rows[3]["learner/loss"] is not None  # a step later: fine
+    assert 5 <= max(rows) < 10, "stopped once a skip rate passed 0.3, after step 4 (all rewards NaN)"
     log = read_rollout_log(tmp_path / "rollouts").to_pylist()
     failed = [r for r in log if not r["ok"]]
     assert len(failed) == scorer.nan  # every NaN item is logged as failed ...
@@ -334,3 +351,4 @@ def test_non_finite_rewards_are_skipped_and_counted_until_the_skip_rate_stops_th
     counters = json.loads((latest_checkpoint(tmp_path) / "controller.json").read_text())["counters"]  # type: ignore[operator]
     trained_failed = sum(1 for r in failed if r["stage"] != "eval")
     assert counters["skipped_items"] == trained_failed and counters["reasons"]["reward_failed"] >= 5
+    assert counters["reasons"]["non_finite_grad"] == 1
