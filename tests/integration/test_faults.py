@@ -6,7 +6,7 @@ running; `GeneratorPool.load`, `LearnerGroup.forward_backward`, `RewardScorer.sc
 actor's process there, with `ray.kill` or SIGKILL. Each survived fault is checked against an
 uninterrupted run of the same seed: generation and scoring are pure functions of (weights, prompts,
 seeds) and every role's state is restored from checkpoints, so the losses, rewards and logged rollouts
-must come out exactly as without the fault. The whole set takes about 4 minutes on 2 busy CPU cores.
+must come out exactly as without the fault. About 2 minutes on 2 CPU cores (3 when they are busy).
 """
 
 from __future__ import annotations
