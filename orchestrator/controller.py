@@ -196,8 +196,30 @@ class Controller:
             kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=self._seed()
         ), {}
 
+    def _preference_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
+        """Offline Diffusion-DPO: (prompt, preferred, rejected) records from data.preferences."""
+        assert self.roles is not None and self.roles.local_engine is not None
+        engine, world = self.roles.local_engine, self.roles.learners.world
+        n = (self.cfg.learner.batch_size // world) * world
+        prompts, preferred, rejected = self.roles.data.next_preferences(n)
+        with torch.no_grad():  # frozen codecs
+            x_w, x_l = (engine.codec.encode(from_uint8(x)) for x in (preferred, rejected))
+        text, mask = engine.encode(prompts)
+        batch = TrainBatch(
+            kind="dpo",
+            policy_version=-1,
+            x0=x_w,
+            x0_rejected=x_l,
+            text=text,
+            text_mask=mask,
+            seed=self._seed(),
+        )
+        return batch, {"pairs": float(n)}
+
     def _make_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         """Sample, score and select according to the mode; returns the learner's batch."""
+        if self.roles is not None and self.roles.data.preferences is not None:
+            return self._preference_batch()
         assert self.roles is not None and self.roles.pool is not None
         cfg, ro, pool = self.cfg, self.cfg.rollout, self.roles.pool
         world = self.roles.learners.world

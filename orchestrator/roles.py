@@ -24,12 +24,19 @@ from orchestrator.weight_sync import WeightSync
 log = logging.getLogger(__name__)
 
 
+def offline_dpo(cfg: RunConfig) -> bool:
+    """DPO on a preference dataset (data.preferences) instead of best-vs-worst pairs sampled online."""
+    return cfg.run.mode == "dpo" and cfg.data.preferences is not None
+
+
 class DataFeed:
     """The run's data sources behind the few calls the controller makes; resumable."""
 
     def __init__(self, cfg: RunConfig) -> None:
         data = cfg.data
-        self.prompts = data.prompt_source() if cfg.run.mode in RL_MODES else None
+        offline = offline_dpo(cfg)
+        self.prompts = data.prompt_source() if cfg.run.mode in RL_MODES and not offline else None
+        self.preferences = data.preference_source(cfg.codec.image_size) if offline else None
         self.images = (
             data.dataset_source(cfg.codec.image_size) if cfg.run.mode in ("sft", "pretrain") else None
         )
@@ -44,22 +51,29 @@ class DataFeed:
         batch = self.images.next_batch(n)
         return batch.images, batch.captions
 
+    def next_preferences(self, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Offline DPO: (prompts, preferred uint8 [n, H, W, 3], rejected uint8 [n, H, W, 3])."""
+        assert self.preferences is not None
+        batch = self.preferences.next_batch(n)
+        return batch.prompts, batch.preferred, batch.rejected
+
     def eval_prompts(self, n: int) -> list[str]:
         """The first n fixed evaluation prompts (data.eval_prompts, else the head of the prompt file)."""
         if self._eval is None:
-            source = self.prompts or self.images
+            source = self.prompts or self.images or self.preferences
             assert source is not None
             head = replace_source_order(source)
             self._eval = head
         return self._eval[:n]
 
+    def _sources(self) -> tuple[tuple[str, Any], ...]:
+        return (("prompts", self.prompts), ("images", self.images), ("preferences", self.preferences))
+
     def state(self) -> dict[str, Any]:
-        return {
-            k: s.state() for k, s in (("prompts", self.prompts), ("images", self.images)) if s is not None
-        }
+        return {k: s.state() for k, s in self._sources() if s is not None}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        for key, source in (("prompts", self.prompts), ("images", self.images)):
+        for key, source in self._sources():
             if source is not None and key in state:
                 source.load_state(state[key])
 
@@ -69,7 +83,7 @@ def replace_source_order(source: Any) -> list[str]:
     saved = source.state()
     rows = source.read_epoch()
     source.load_state(saved)
-    return [r if isinstance(r, str) else r[1] for r in rows[:256]]
+    return [r if isinstance(r, str) else next(x for x in r if isinstance(x, str)) for r in rows[:256]]
 
 
 class RewardScorer:
@@ -219,8 +233,9 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         ]  # fmt: skip
         ray.get([h.ready.remote() for h in handles])  # type: ignore[attr-defined]
         pool = GeneratorPool(handles=handles)
-    else:
-        # SFT / pretraining start no generators: captions are encoded and evaluation sampled here.
+    if not rl or offline_dpo(cfg):
+        # SFT, pretraining and offline DPO encode dataset images and captions here (SFT and
+        # pretraining, which start no generators, also sample their evaluation here).
         engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"])
 
     return Roles(

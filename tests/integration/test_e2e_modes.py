@@ -115,3 +115,35 @@ def test_async_never_trains_on_rollouts_beyond_max_staleness(
     assert all(0 <= r["staleness"] <= 1 for r in trained)
     # the learner's step-1 batch was sampled by version 0 while it produced more: overlap happened
     assert max(r["queue_depth"] for r in trained) >= 0
+
+
+def test_offline_dpo_from_a_preference_dataset(
+    ray_cluster: object, random_policy: Path, tmp_path: Path
+) -> None:
+    """dpo mode with data.preferences: pairs come from a Pick-a-Pic-like parquet, not from sampling."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.shapes_world import encode_png, generate
+
+    scenes = generate(12, seed=3, size=32)
+    prefs = tmp_path / "prefs.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "caption": [s.caption() for s in scenes],
+                "jpg_0": [encode_png(s.render(32)) for s in scenes],
+                "jpg_1": [encode_png(scenes[(i + 1) % 12].render(32)) for i, s in enumerate(scenes)],
+                "label_0": [1.0, 0.0, 0.5] * 4,  # a third are ties: skipped and counted
+            }
+        ),
+        prefs,
+    )
+    reward = "rewards=[{name: jpeg, scorer: jpeg_compressibility}]"
+    extra = ["run.mode=dpo", f"data.preferences={prefs}", "learner.batch_size=4", reward]
+    summary = _run(tmp_path, "tiny.yaml", [*RL, *extra, f"model.pretrained={random_policy}"])
+    assert summary["steps"] == 2 and summary["weights_in_sync"] is True
+    rows = _check_artifacts(tmp_path / "run", rl=False)
+    trained = [r for r in rows if "learner/loss" in r]
+    assert all(r["pairs"] == 4 for r in trained)
+    assert abs(trained[0]["learner/loss"] - 0.6931) < 0.05  # policy == reference: -log sigmoid(0)
