@@ -62,11 +62,16 @@ class RolloutEngine:
         sampler_cfg: SamplerConfig,
         quant_cfg: QuantConfig,
         formats: list[Format],
+        device: str | torch.device = "cpu",
     ) -> None:
         self.sampler_cfg = sampler_cfg
-        self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).eval()
-        self.text_encoder = build_text_encoder(codec_cfg)
-        self.codec = build_image_codec(codec_cfg)
+        self.device = torch.device(device)
+        # On a GPU the full-precision copy *is* BF16 (Sol-RL's regeneration precision; fp32 would double
+        # the memory and halve the speed); on the CPU it stays float32, where bf16 GEMMs are slow.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).to(self.device, dtype).eval()
+        self.text_encoder = build_text_encoder(codec_cfg, self.device)
+        self.codec = build_image_codec(codec_cfg, self.device, dtype)
         arch = self.policy.cfg
         side = codec_cfg.image_size // (self.codec.downsample)
         self.latent_shape = (arch.in_channels, side, side)
@@ -96,6 +101,7 @@ class RolloutEngine:
         missing = sorted({p for p in prompts if p not in self._text_cache})
         if missing:
             emb, mask = self.text_encoder.encode(missing)
+            emb, mask = emb.to(self.device), mask.to(self.device)
             for i, p in enumerate(missing):
                 self._text_cache[p] = (emb[i], mask[i])
         return (
@@ -132,6 +138,10 @@ class RolloutEngine:
             return_trajectory=req.return_trajectory,
         )
         images = to_uint8(self.codec.decode(result.x0))
+
+        def host(t: torch.Tensor | None) -> Any:  # records leave the actor on the CPU, in float32
+            return None if t is None else t.cpu().float() if t.is_floating_point() else t.cpu()
+
         return Rollouts(
             policy_version=self.version,
             precision=req.precision,
@@ -139,14 +149,14 @@ class RolloutEngine:
             prompts=list(req.prompts),
             group_ids=torch.tensor(req.group_ids, dtype=torch.int64),
             seeds=torch.tensor(req.seeds, dtype=torch.int64),
-            text=text,
-            text_mask=mask,
-            latents=result.x0.float(),
+            text=host(text),
+            text_mask=host(mask),
+            latents=host(result.x0),
             images=np.ascontiguousarray(images),
-            trajectory=result.trajectory,
-            sigmas=result.sigmas,
-            log_probs=result.log_probs,
-            sde_mask=result.sde_mask,
+            trajectory=host(result.trajectory),
+            sigmas=host(result.sigmas),
+            log_probs=host(result.log_probs),
+            sde_mask=host(result.sde_mask),
         )
 
 
@@ -154,7 +164,12 @@ class RolloutGeneratorActor:
     """Ray actor shell around RolloutEngine; created as `generator-{i}` by the controller."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from actors.base import default_device
+
         torch.set_num_threads(max(1, int(kwargs.pop("num_threads", 1))))
+        if torch.cuda.is_available():  # Ray narrowed CUDA_VISIBLE_DEVICES to this actor's GPU
+            torch.cuda.set_device(0)
+        kwargs.setdefault("device", default_device())
         self.engine = RolloutEngine(*args, **kwargs)
         self.images_generated = 0
         self.seconds = 0.0

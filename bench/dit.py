@@ -95,10 +95,11 @@ def _diffusers_loop(
 ) -> torch.Tensor:
     """SanaPipeline's denoising loop reduced to its essentials: CFG in one batch, flow-Euler steps."""
     sigmas = shifted_sigmas(steps, shift).tolist()
-    x = noise
+    x, dtype = noise, model.dtype  # diffusers casts nothing: inputs must come in the weights' dtype
+    text2 = text2.to(dtype)
     for i in range(steps):
         t = torch.full((2 * len(x),), sigmas[i] * 1000.0, device=x.device)
-        v = model(torch.cat([x, x]), encoder_hidden_states=text2, timestep=t, encoder_attention_mask=mask2,
+        v = model(torch.cat([x, x]).to(dtype), encoder_hidden_states=text2, timestep=t, encoder_attention_mask=mask2,
                   return_dict=False)[0].float()  # fmt: skip
         v_cond, v_uncond = v.chunk(2)
         x = x + (sigmas[i + 1] - sigmas[i]) * (v_uncond + GUIDANCE * (v_cond - v_uncond))
@@ -115,9 +116,9 @@ def _case_rows(case: Case, device: torch.device, quick: bool) -> list[Row]:
     cfg, b = case.cfg, case.batch
     ours, theirs = _models(cfg, device, dtype)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(b, cfg.in_channels, case.side, case.side, generator=g).to(device)
+    x = torch.randn(b, cfg.in_channels, case.side, case.side, generator=g).to(device, dtype)
     t = torch.linspace(950.0, 50.0, b).to(device)
-    text = torch.randn(b, case.text_len, cfg.caption_channels, generator=g).to(device)
+    text = torch.randn(b, case.text_len, cfg.caption_channels, generator=g).to(device, dtype)
     mask = torch.ones(b, case.text_len, dtype=torch.bool, device=device)
     mask[:, case.text_len * 3 // 4 :] = False  # padded prompts, as real batches have
     with torch.no_grad():

@@ -46,7 +46,11 @@ def quantize(x: torch.Tensor, *, per_row: bool = True, out: FP8Tensor | None = N
     amax = x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("fp8 input: contains inf or NaN; refusing to quantize")
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # float32 [rows, 1] or []
+    # A tensor divisor, not a Python float: CUDA divides by a CPU scalar as a multiply by its reciprocal,
+    # which moves the scale by an ulp and flips E4M3 roundings; the GPU's codes must equal the CPU's.
+    scale = torch.where(
+        amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax)
+    )  # [rows, 1] or []
     data = (x32 / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     if out is None:
         return FP8Tensor(data=data, scale=scale)

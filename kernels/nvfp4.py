@@ -105,7 +105,10 @@ def compute_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = block_amax.amax()
     if not torch.isfinite(amax):
         raise ValueError("nvfp4 input: contains inf or NaN; refusing to quantize")
-    tensor_scale = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    # Tensor divisor: CUDA would multiply by a Python scalar's reciprocal (see fp8.quantize).
+    tensor_scale = torch.where(
+        amax > 0, amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax)
+    )
     # <= 448 by construction up to float rounding; clamp so the cast can never overflow to NaN.
     block = (block_amax / (E2M1_MAX * tensor_scale)).clamp_(max=E4M3_MAX)
     return block.to(torch.float8_e4m3fn), tensor_scale
