@@ -287,6 +287,9 @@ class Controller:
             # the step these rollouts train (as metrics.jsonl counts), so a restore's drop_after(step)
             # removes exactly the rows of the steps that run again
             self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step + 1)
+            self.roles.metrics.log_histogram(f"{stage}/reward_hist", rew.total[ok].numpy())
+            for name, vals in rew.per_scorer.items():
+                self.roles.metrics.log_histogram(f"{stage}/{name}_hist", vals[ok].numpy())
         return rew
 
     # ---------------------------------------------------------------- sync, eval, checkpoints

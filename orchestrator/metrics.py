@@ -210,13 +210,20 @@ class MetricsLogger:
 
             self._wandb.log({f"samples/{name}": wandb.Image(str(path))}, step=step)
 
-    def log_histogram(self, name: str, values: np.ndarray, step: int) -> None:
-        """The distribution of e.g. one step's rewards to wandb (non-finite values left out)."""
+    def log_histogram(self, name: str, values: np.ndarray, step: int | None = None) -> None:
+        """The distribution of e.g. one step's rewards to wandb (non-finite values left out).
+
+        Without `step` it joins the next `log` call's row: rollouts are scored before their step's
+        scalars are logged, and in async mode for a step the logger has not reached yet.
+        """
         if self._wandb is not None:
             import wandb
 
             values = np.asarray(values, dtype=np.float64)
-            self._wandb.log({name: wandb.Histogram(values[np.isfinite(values)])}, step=step)
+            values = values[np.isfinite(values)]
+            if values.size:
+                row = {name: wandb.Histogram(values.tolist())}
+                self._wandb.log(row, commit=False) if step is None else self._wandb.log(row, step=step)
 
     def close(self) -> None:
         if self._file is not None:

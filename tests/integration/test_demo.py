@@ -52,6 +52,10 @@ def test_short_demo_writes_every_artefact(
     assert (run / "config.yaml").exists() and list((run / "checkpoints").glob("step-*/COMPLETE"))
     assert list((run / "rollouts").glob("part-*.parquet")) and list((run / "wandb").glob("offline-run-*"))
     assert "init_from: " + str(pre) in (run / "config.yaml").read_text()
+    # wandb (offline): the reward histograms of each scored stage and the sample grids are in the run.
+    wandb_bytes = b"".join(p.read_bytes() for p in (run / "wandb").rglob("*.wandb"))
+    for key in (b"preview/reward_hist", b"final/composition_hist", b"histogram", b"samples/after"):
+        assert key in wandb_bytes, key
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["preview/reward_mean"] for r in rows if r.get("preview/reward_mean") is not None]
