@@ -15,22 +15,9 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import Row
+from bench.soak import random_policy
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-
-
-def _random_policy(root: Path) -> Path:
-    import torch
-
-    from policy.sana import ModelConfig, build_policy
-
-    torch.manual_seed(0)
-    model = build_policy(ModelConfig(preset="tiny", overrides={"patch_size": 4}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    model.save_pretrained(root / "policy")
-    return root / "policy"
 
 
 def _stages(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -89,7 +76,7 @@ def run(quick: bool) -> list[Row]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            policy = _random_policy(root)
+            policy = random_policy(root / "policy")
             sync = _run(root, policy, steps, async_=False)
             asy = _run(root, policy, steps, async_=True)
     finally:

@@ -34,19 +34,9 @@ RL = [
 
 @pytest.fixture(scope="module")
 def random_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny policy with every weight random (a fresh one has a zero final layer: all samples alike)."""
-    import torch
+    from bench.soak import random_policy as save_random_policy
 
-    from policy.sana import ModelConfig, build_policy
-
-    torch.manual_seed(0)
-    model = build_policy(ModelConfig(preset="tiny", overrides={"patch_size": 4}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    path = tmp_path_factory.mktemp("policy")
-    model.save_pretrained(path)
-    return path
+    return save_random_policy(tmp_path_factory.mktemp("policy"))
 
 
 def _run(tmp_path: Path, recipe: str, extra: list[str]) -> dict[str, object]:
