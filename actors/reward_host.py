@@ -80,6 +80,7 @@ def launch_reward_host(
     handle. Call `start` on it to serve."""
     import ray
 
+    spec.validate()  # a recipe is validated on load; a spec built in code is checked here (python: exists)
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,

@@ -13,6 +13,7 @@ elsewhere `linear_emulated` evaluates the same formula in fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,24 +35,19 @@ class FP8Tensor:
         return self.data.numel() + self.scale.numel() * self.scale.element_size()
 
 
-def quantize(x: torch.Tensor, *, per_row: bool = True, out: FP8Tensor | None = None) -> FP8Tensor:
+def quantize(
+    x: torch.Tensor, *, per_row: bool = True, out: FP8Tensor | None = None, check_finite: bool = True
+) -> FP8Tensor:
     """Quantize a [rows, cols] matrix to E4M3 (round-to-nearest-even, saturating at ±448).
 
     A zero row (or tensor) gets scale 1. With `out`, results are copied into its tensors (re-quantization
-    without new storage).
+    without new storage). `check_finite=False` skips the inf/NaN check, which on a GPU is a host sync.
     """
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"fp8 input: expected a floating 2-D matrix, got {x.dtype} {tuple(x.shape)}")
-    x32 = x.float()
-    amax = x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
-    if not bool(torch.isfinite(amax).all()):
+    if check_finite and not bool(torch.isfinite(x.abs().amax())):
         raise ValueError("fp8 input: contains inf or NaN; refusing to quantize")
-    # A tensor divisor, not a Python float: CUDA divides by a CPU scalar as a multiply by its reciprocal,
-    # which moves the scale by an ulp and flips E4M3 roundings; the GPU's codes must equal the CPU's.
-    scale = torch.where(
-        amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax)
-    )  # [rows, 1] or []
-    data = (x32 / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    data, scale = _codes(x, per_row)
     if out is None:
         return FP8Tensor(data=data, scale=scale)
     if out.data.shape != data.shape or out.scale.shape != scale.shape:
@@ -62,6 +58,34 @@ def quantize(x: torch.Tensor, *, per_row: bool = True, out: FP8Tensor | None = N
     out.data.copy_(data)
     out.scale.copy_(scale)
     return out
+
+
+def _codes(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 codes [rows, cols], float32 scales [rows, 1] or []) of a finite matrix."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
+    # A tensor divisor, not a Python float: CUDA divides by a CPU scalar as a multiply by its reciprocal,
+    # which moves the scale by an ulp and flips E4M3 roundings; the GPU's codes must equal the CPU's.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
+    return (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+_fused_codes: Any = None
+
+
+def _activation_codes(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_codes` for activations on a GPU: no finiteness check (a host sync per GEMM; a NaN activation
+    gives a NaN output either way), compiled into one fused kernel (eager it is six kernels around a GEMM
+    that takes about as long as all of them); eager where compilation is unavailable."""
+    global _fused_codes
+    if _fused_codes is None:
+        try:
+            fused = torch.compile(_codes, dynamic=True)
+            fused(x[:16], per_row)  # compile now, so a failure falls back here and not mid-rollout
+            _fused_codes = fused
+        except Exception:  # no compiler toolchain in this environment: stay correct, just slower
+            _fused_codes = _codes
+    return _fused_codes(x, per_row)  # type: ignore[no-any-return]
 
 
 def dequantize(t: FP8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,12 +115,13 @@ def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -
     """
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    x2 = torch.nn.functional.pad(x2, (0, 0, 0, -rows % 16))
-    xq = quantize(x2, per_row=w.per_row)
+    if rows % 16:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, -rows % 16))
+    data, scale = _activation_codes(x2, w.per_row)
     y = torch._scaled_mm(
-        xq.data,
+        data,
         w.data.t(),
-        scale_a=xq.scale,
+        scale_a=scale,
         scale_b=w.scale.reshape(1, -1) if w.per_row else w.scale,
         out_dtype=torch.bfloat16,
     )

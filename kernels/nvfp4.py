@@ -93,17 +93,18 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
-def compute_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_scales(x: torch.Tensor, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor and per-block scales of a [rows, cols] matrix.
 
     Returns (block_scales float8_e4m3fn [rows, cols // 16], tensor_scale float32 []). An all-zero
     matrix gets tensor_scale 1 so that nothing divides by zero; its blocks get scale 0.
+    `check_finite=False` skips the inf/NaN check (a host sync on a GPU), as activations do.
     """
     _check_matrix(x, "nvfp4 input")
     x32 = x.float()
     block_amax = x32.abs().view(x.shape[0], -1, BLOCK).amax(dim=-1)  # float32 [rows, cols // 16]
     amax = block_amax.amax()
-    if not torch.isfinite(amax):
+    if check_finite and not torch.isfinite(amax):
         raise ValueError("nvfp4 input: contains inf or NaN; refusing to quantize")
     # Tensor divisor: CUDA would multiply by a Python scalar's reciprocal (see fp8.quantize).
     tensor_scale = torch.where(
@@ -123,13 +124,13 @@ def _scaled_codes(x: torch.Tensor, block_scales: torch.Tensor, tensor_scale: tor
     return e2m1_encode(y).view(rows, cols)
 
 
-def quantize(x: torch.Tensor, *, out: NVFP4Tensor | None = None) -> NVFP4Tensor:
+def quantize(x: torch.Tensor, *, out: NVFP4Tensor | None = None, check_finite: bool = True) -> NVFP4Tensor:
     """Quantize a [rows, cols] matrix (cols a multiple of 16) to NVFP4.
 
     With `out`, the result is copied into out's tensors (same shape required) and `out` is returned:
     re-quantization after a weight sync then keeps the module's buffers (their storage) unchanged.
     """
-    block_scales, tensor_scale = compute_scales(x)
+    block_scales, tensor_scale = compute_scales(x, check_finite)
     packed = pack(_scaled_codes(x, block_scales, tensor_scale))
     if out is None:
         return NVFP4Tensor(
@@ -173,7 +174,7 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
     per-call tensor scale and 16-wide block scales along K, exactly as here. Feeding the result to a
     W4A16 GEMM gives W4A4 numerics up to one rounding of each activation to x's dtype.
     """
-    return dequantize(quantize(x.reshape(-1, x.shape[-1]))).reshape(x.shape).to(x.dtype)
+    return dequantize(quantize(x.reshape(-1, x.shape[-1]), check_finite=False)).reshape(x.shape).to(x.dtype)
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ def linear_scaled_mm(x: torch.Tensor, w: NVFP4Tensor, bias: torch.Tensor | None)
     """
     rows, k = w.shape
     x2 = x.reshape(-1, k)
-    xq = quantize(x2)
+    xq = quantize(x2, check_finite=False)
     fp4 = torch.float4_e2m1fn_x2
     y = torch._scaled_mm(
         xq.packed.view(fp4),

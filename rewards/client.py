@@ -32,6 +32,8 @@ import hashlib
 import logging
 import math
 import random
+import shlex
+import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,7 +91,9 @@ class RewardSpec:
     tls_key: str | None = None
     """PEM client key for mTLS."""
     python: str | None = None
-    """Python executable of the environment a launched service runs in (its own venv); None: ours."""
+    """Python executable of the environment a launched service runs in (its own venv, e.g.
+    `.venv-imagereward/bin/python` from `make env-imagereward`); None: ours. Must exist where the run is
+    started (and on every node that may host the service)."""
     scorer_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor arguments of the scorer when the orchestrator launches it (weights path, device)."""
 
@@ -100,6 +104,10 @@ class RewardSpec:
             raise ValueError("tls_cert: tls_cert and tls_key go together")
         if self.tls_cert and not self.tls_ca:
             raise ValueError("tls_cert: a client certificate (mTLS) needs tls_ca")
+        # With a missing interpreter Ray raises nothing: the actor just never comes up (ray.get waits out
+        # its timeout), so say so at load time. The first word only: Ray's py_executable takes a command.
+        if self.python is not None and not shutil.which((shlex.split(self.python) or [""])[0]):
+            raise ValueError(f"python: {self.python!r} is not an executable (build that environment first)")
 
     @property
     def addresses(self) -> list[str]:
