@@ -41,6 +41,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
 
 # Reference / serving environments for scorers whose upstream packages conflict with the main one.
+# A recipe's `python: .venv-<name>/bin/python` runs that reward's RewardHost in one, so each env keeps the
+# main env's Python minor and Ray version (ray==2.60.*): Ray's worker protocol is not stable across them.
+# hpsv2 / imagereward: about 6 GB each (PyPI's CUDA torch, which also runs on CPU); vlm: a GPU machine.
 env-hpsv2:
 	$(PYTHON) -m venv .venv-hpsv2
 	.venv-hpsv2/bin/pip install -r scripts/envs/hpsv2.txt
