@@ -94,7 +94,7 @@ class Controller:
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self._checkpoint()
             if self._producer is not None:
-                self.counters.stale_dropped = self._producer.stop()
+                self.counters.stale_dropped += self._producer.stop()
             after = self._evaluate("after")
             in_sync = self._weights_in_sync()
             self._checkpoint()
@@ -146,11 +146,20 @@ class Controller:
             ckpt = latest_checkpoint(self.run_dir)
             log.warning("learner failed (%s); restoring all ranks from %s", exc, ckpt)
             restores = self.counters.learner_restores + 1
+            stale_dropped = self.counters.stale_dropped
+            if self._producer is not None:
+                # The producer samples with what the restore rewinds (RNG, data position, reward
+                # statistics, policy version): stop it, restore, and start a fresh one from there.
+                stale_dropped += self._producer.stop()
+                self._producer = None
             self.roles.learners.restart()
             if ckpt is not None:
                 self._restore(ckpt)  # else the restarted ranks start from model.pretrained again
             self.counters.learner_restores = restores  # the checkpoint's counters predate this failure
+            self.counters.stale_dropped = stale_dropped
             self._sync(rewind=True)
+            if self.cfg.run.mode in RL_MODES and self.cfg.pipeline.enabled:
+                self._producer = AsyncProducer(self)
             return self._train_step()
 
     def _train_step(self) -> dict[str, float]:

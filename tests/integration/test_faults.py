@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.soak import RECIPE, REWARD, fault_overrides, random_policy, step_rows
+from bench.soak import ASYNC, RECIPE, REWARD, fault_overrides, random_policy, step_rows
 from orchestrator.config import load_recipe
 from orchestrator.controller import RunFailed, latest_checkpoint
 from orchestrator.launch import launch
@@ -253,6 +253,22 @@ def test_learner_rank_killed_restores_all_ranks_from_the_last_checkpoint(
     assert summary["weights_in_sync"] is True
     assert_same_steps(tmp_path, baseline, range(1, 4))  # step 2 redone from the step-1 checkpoint
     assert rollouts(tmp_path, 3) == rollouts(baseline, 3)  # the lost step's rows are not logged twice
+
+
+def test_learner_rank_killed_in_async_mode_restores_and_restarts_the_producer(
+    ray_cluster: object, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Async mode: the rollout producer is stopped before the restore rewinds what it samples with, and a
+    fresh one starts from the restored step; the run finishes with every step trained."""
+    pids: list[int] = []
+    _kill_rank0_on(1, monkeypatch, pids)  # step 2's forward-backward
+    summary = run_faulty(tmp_path, policy, steps=3, extra=(*ASYNC, "run.checkpoint_every=1"))
+
+    assert summary["counters"]["learner_restores"] == 1 and summary["steps"] == 3
+    assert pids[0] == pids[1] != pids[-1]
+    assert summary["weights_in_sync"] is True
+    rows = step_rows(tmp_path)
+    assert all(rows[s]["learner/loss"] is not None for s in range(1, 4)), rows
 
 
 def test_learner_rank_killed_with_on_learner_failure_stop_ends_the_run_clearly(
