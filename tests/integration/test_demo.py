@@ -1,6 +1,6 @@
 """The embedded demo (recipes/tiny.yaml): pretraining then Sol-RL through one actor graph.
 
-The short version runs in the default suite; the full demo is marked slow (`pytest -m slow`).
+Both run in the default suite: a shortened demo, and the full one as shipped (about 6 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def test_short_demo_writes_every_artefact(
     assert "tiny-pretrain: finished earlier, reusing" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 6 minutes on 2 quiet cores; CI machines can be several times slower
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped (about 6-9 minutes on 2 cores): the RL stage must raise the composition
-    score on held-out prompts clearly."""
+    """`make demo` as shipped: the RL stage must raise the composition score on held-out prompts clearly
+    (seed 0 gains 0.066; DEMO_MIN_GAIN sets the bar). Part of `make test`, so CI runs it."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
