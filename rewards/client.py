@@ -76,8 +76,10 @@ class RewardSpec:
     """More host:port addresses serving the same scorer; calls go to the least-loaded healthy one."""
     timeout_s: float = field(default=60.0, metadata={"gt": 0.0})
     """Deadline of one call."""
-    max_attempts: int = field(default=6, metadata={"ge": 1})
-    """Tries per call, the first included."""
+    max_attempts: int = field(default=100, metadata={"ge": 1})
+    """Tries per call, the first included. The default lets `retry_budget_s` end the retries: with the
+    client's backoff (0.1 s doubling to 5 s, jittered) six tries would span only ~1.5 s, shorter than a
+    reward host takes to restart."""
     retry_budget_s: float = field(default=120.0, metadata={"gt": 0.0})
     """Total time one call may take with its retries before the service counts as down."""
     normalize: bool = True
