@@ -1,7 +1,8 @@
 """Reward service throughput: images/s of `jpeg_compressibility` through the gRPC service against a bare
-grpc.aio server doing the same work, a bare echo (transport only) and scoring in-process.
+grpc.aio server doing the same work, a bare echo (transport only) and scoring in-process; then every model
+scorer through the service against scoring in-process (bench/reward_scorers.py).
 
-    sana-rl bench reward --quick      # < 60 s on a 2-core CPU
+    sana-rl bench reward --quick      # about 1 min on a 2-core CPU (jpeg cases, tiny model scorers)
     sana-rl bench reward
 
 Cases: 64 px and 512 px images, batch 16, 1 and 8 requests in flight. The servers run in one child
@@ -40,10 +41,10 @@ TARGET = 1 / 1.2  # the service may take at most 20% longer than the bare transp
 BARE, ECHO = "/bench.Bare/Score", "/bench.Bare/Echo"
 
 
-def _images(size: int, seed: int = 0) -> np.ndarray:
-    """uint8 [16, size, size, 3]: smooth colour fields with noise, closer to samples than pure noise."""
+def smooth_images(size: int, seed: int = 0, n: int = BATCH) -> np.ndarray:
+    """uint8 [n, size, size, 3]: smooth colour fields with noise, closer to samples than pure noise."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (BATCH, 8, 8, 3)).astype(np.float32)
+    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float32)
     smooth = np.kron(coarse, np.ones((1, size // 8, size // 8, 1), np.float32))
     return np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
 
@@ -145,11 +146,16 @@ def run(quick: bool) -> list[Row]:
     client = _Client(addresses["ours"], addresses["bare"])
     scorer = make_scorer(SCORER)
     try:
-        return [_case(client, scorer, _images(size), conc, quick) for size in (64, 512) for conc in (1, 8)]
+        rows = [
+            _case(client, scorer, smooth_images(size), conc, quick) for size in (64, 512) for conc in (1, 8)
+        ]
     finally:
         client.close()
         proc.stdin.close()
         proc.wait(timeout=30)
+    from bench import reward_scorers  # imports this module: not at the top
+
+    return rows + reward_scorers.run(quick)
 
 
 def _case(client: _Client, scorer: RewardModel, images: np.ndarray, conc: int, quick: bool) -> Row:
