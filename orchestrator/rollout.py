@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from policy.advantage import group_advantages
 from policy.selection import best_worst_pairs, select_seeds
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class GenerationFailed(RuntimeError):
@@ -42,6 +44,9 @@ class GeneratorPool:
 
     handles: list[Any]
     max_attempts: int = 4
+    """A replica that dies this many times within one call (or sync) stops the run (GenerationFailed)."""
+    restart_timeout_s: float = 120.0
+    """How long one call waits for its replica to come back from Ray's restarts."""
     version: int = -1
     snapshot_ref: Any = None
     stats: PoolStats = field(default_factory=PoolStats)
@@ -63,8 +68,7 @@ class GeneratorPool:
                 except RayActorError as exc:  # died mid-sync: Ray restarts it, the new process loads
                     log.warning("generator-%d died loading v%d (%s); reloading", replica, version, exc)
                     self.stats.restarts += 1
-                    self._reload(replica)
-                    got.append(version)
+                    got.append(self._retry(replica, f"loading v{version}", exc, self._load_one))
             if any(v != version for v in got):
                 raise RuntimeError(f"generators loaded versions {got}, expected {version}")
             self.version = version
@@ -136,43 +140,68 @@ class GeneratorPool:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        for attempt in range(self.max_attempts):
-            try:
-                return ray.get(ref)
-            except (RayActorError, RayTaskError) as exc:
-                stale = isinstance(exc, RayTaskError) and isinstance(exc.cause, StaleWeights)
-                if isinstance(exc, RayTaskError) and not stale:
-                    raise
-                if attempt + 1 == self.max_attempts:
-                    raise GenerationFailed(
-                        f"generator-{replica}: failed {self.max_attempts} times: {exc}"
-                    ) from exc
-                # The replica restarted without weights (or with old ones): reload, then regenerate.
-                self.stats.restarts += 1
-                self.stats.regenerated_groups += n_groups
-                log.warning(
-                    "generator-%d lost its work (%s); reloading v%d and regenerating",
-                    replica,
-                    exc,
-                    self.version,
-                )
-                self._reload(replica)
-                ref = self.handles[replica].generate.remote(req)
-        raise AssertionError("unreachable")
+        try:
+            return ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            if isinstance(exc, RayTaskError) and not isinstance(exc.cause, StaleWeights):
+                raise
+            first = exc
 
-    def _reload(self, replica: int) -> None:
+        def regenerate(replica: int) -> Rollouts:
+            # The replica restarted without weights (or with old ones): reload, then regenerate.
+            self._load_one(replica)
+            return ray.get(self.handles[replica].generate.remote(req))
+
+        self.stats.restarts += 1
+        self.stats.regenerated_groups += n_groups
+        log.warning(
+            "generator-%d lost its work (%s); reloading v%d and regenerating", replica, first, self.version
+        )
+        return self._retry(replica, f"generating for v{self.version}", first, regenerate)
+
+    def _load_one(self, replica: int) -> int:
         import ray
-        from ray.exceptions import RayActorError
 
-        deadline = time.monotonic() + 120.0
-        while True:
+        return int(ray.get(self.handles[replica].load_weights.remote(self.snapshot_ref)))
+
+    def _retry(self, replica: int, what: str, first: BaseException, call: Callable[[int], T]) -> T:
+        """`call(replica)` until it succeeds, after the failure `first`. Calls fail while Ray restarts the
+        replica (`max_restarts=-1`), so this waits; but a replica that dies again and again (killed each
+        time Ray restarts it, or a call that kills its process) raises GenerationFailed once it died
+        `max_attempts` times, and any replica that is not back within `restart_timeout_s`."""
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        cause, deaths = first, 1
+        restarts = _restart_count(self.handles[replica])
+        t0 = time.monotonic()
+        while deaths < self.max_attempts and time.monotonic() - t0 < self.restart_timeout_s:
+            time.sleep(0.5)  # let Ray notice the death and restart the process before the next call
             try:
-                ray.get(self.handles[replica].load_weights.remote(self.snapshot_ref))
-                return
-            except RayActorError:
-                if time.monotonic() > deadline:
+                return call(replica)
+            except (RayActorError, RayTaskError) as exc:
+                if isinstance(exc, RayTaskError) and not isinstance(exc.cause, StaleWeights):
                     raise
-                time.sleep(0.5)
+                cause = exc
+            now = _restart_count(self.handles[replica])
+            if restarts is not None and now is not None:
+                deaths, restarts = deaths + now - restarts, now
+            elif not isinstance(cause, ActorUnavailableError):  # no count from Ray: a call that died
+                deaths += 1
+        raise GenerationFailed(
+            f"generator-{replica} failed {what}: it died {deaths} times (max_attempts={self.max_attempts}) "
+            f"in {time.monotonic() - t0:.0f} s; "
+            f"last cause: {type(cause).__name__}: {cause}"
+        ) from cause
+
+
+def _restart_count(handle: Any) -> int | None:
+    """How often Ray restarted the actor, from Ray's actor table; None where this Ray does not say."""
+    import ray
+
+    try:
+        return int(ray._private.state.actors(handle._actor_id.hex())["NumRestarts"])
+    except Exception:  # a private API: a Ray upgrade may change it
+        return None
 
 
 def advantage_batch(

@@ -165,6 +165,75 @@ def test_generator_killed_mid_generation_or_mid_sync_restarts_and_regenerates_th
     assert_same_steps(tmp_path, baseline, range(1, 4))
 
 
+class CrashLoop:
+    """SIGKILLs, until stopped, every process of this session's Ray cluster whose title contains `title`, as
+    soon as it shows up (Ray titles an actor's process `ray::<class>.<method running>`, and
+    `ray::<name>:<class>.__init__` while it starts): with `RolloutGeneratorActor` the replica dies again each
+    time Ray restarts it, with `RolloutGeneratorActor.generate` each of its generate calls kills its process."""
+
+    def __init__(self, title: str) -> None:
+        self.title, self.kills = title, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="crash-loop", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()  # the embedded cluster's processes all descend from this one
+        while not self._stop.is_set():
+            for proc in me.children(recursive=True):
+                try:
+                    if self.title in " ".join(proc.cmdline()):
+                        proc.kill()
+                        self.kills += 1
+                except psutil.Error:  # gone meanwhile
+                    continue
+            time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["RolloutGeneratorActor", "RolloutGeneratorActor.generate"],
+    ids=["dies-on-restart", "dies-in-generate"],
+)
+def test_crash_looping_generator_stops_the_run_quickly_naming_it_with_a_resumable_checkpoint(
+    ray_cluster: object, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, title: str
+) -> None:
+    from orchestrator.rollout import GeneratorPool
+
+    loop = CrashLoop(title)
+
+    def on_collect(n: int, pool: GeneratorPool, args: tuple[Any, ...]) -> None:
+        if n == 3:  # step 2, preview: from here on generator-0 keeps dying
+            loop.start()
+
+    _calls(GeneratorPool, "_collect", monkeypatch, on_collect)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(
+            RunFailed,
+            match=r"step 2 failed .*generator-0 failed generating for v1: it died \d+ times \(max_attempts=4\)",
+        ):
+            run_faulty(tmp_path, policy, steps=3)
+    finally:
+        loop.stop()
+    assert loop.kills >= 4
+    assert time.perf_counter() - t0 < 90, "a crash loop ends the run in seconds, not after minutes of waiting"
+    assert not (tmp_path / "summary.json").exists()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step-0000001", "the state step 2 started from, to resume"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
 # ---------------------------------------------------------------------------------------------- rewards
 def test_reward_service_killed_and_restarted_is_retried_not_zero_filled(
     baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
