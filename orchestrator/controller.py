@@ -15,9 +15,11 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +30,7 @@ from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
 from policy.codecs import from_uint8
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RunFailed(RuntimeError):
@@ -76,29 +79,33 @@ class Controller:
             if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
                 self._restore(ckpt)
             self._sync()
-            before = self._evaluate("before") if self.step == 0 else {}
+            before: dict[str, float] = {}
+            if self.step == 0:  # a resumed run evaluated before its first step already
+                before = self._guarded("evaluation before training", partial(self._evaluate, "before")) or {}
             if cfg.run.mode in RL_MODES and cfg.pipeline.enabled:
                 self._producer = AsyncProducer(self)
-            while self.step < cfg.run.steps:
-                t_step = time.perf_counter()
-                metrics = self._guarded_step()
-                metrics["time/step_s"] = time.perf_counter() - t_step
-                self.step += 1
-                metrics["step"] = float(self.step)
-                self.history.append(metrics)
-                roles.metrics.log(self.step, metrics)
-                roles.progress.update(self.step, metrics)
-                self._check_skip_rate()
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.steps:
-                    self._evaluate(f"step{self.step}")
-                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
-                    self._checkpoint()
-            if self._producer is not None:
-                self.counters.stale_dropped += self._producer.stop()
-            after = self._evaluate("after")
-            in_sync = self._weights_in_sync()
-            self._checkpoint()
-            roles.learners.export_diffusers(str(self.run_dir / "export"))
+            end: tuple[dict[str, float], bool | None] | None = None
+            while end is None:  # a learner restore in the final phase rewinds; train up to the end again
+                while self.step < cfg.run.steps:
+                    t_step = time.perf_counter()
+                    metrics = self._guarded_step()
+                    metrics["time/step_s"] = time.perf_counter() - t_step
+                    self.step += 1
+                    metrics["step"] = float(self.step)
+                    self.history.append(metrics)
+                    roles.metrics.log(self.step, metrics)
+                    roles.progress.update(self.step, metrics)
+                    self._check_skip_rate()
+                    step, every = self.step, cfg.run.eval_every
+                    if every and step % every == 0 and step < cfg.run.steps:
+                        self._guarded(f"evaluation after step {step}", partial(self._evaluate, f"step{step}"))
+                    if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                        self._guarded(f"checkpoint of step {self.step}", self._checkpoint)
+                if self._producer is not None:
+                    self.counters.stale_dropped += self._producer.stop()
+                    self._producer = None
+                end = self._guarded("final evaluation, checkpoint and export", self._finish)
+            after, in_sync = end
             summary = {
                 "steps": self.step,
                 "wall_s": time.perf_counter() - t_start,
@@ -137,30 +144,58 @@ class Controller:
                 f"step {self.step + 1} failed (checkpoint of step {self.step} kept): {exc}"
             ) from exc
         except LearnerFailed as exc:
-            if (
-                self.cfg.run.on_learner_failure == "stop"
-                or self.counters.learner_restores >= self.cfg.run.max_restores
-            ):
-                self._checkpoint_if_possible()
-                raise RunFailed(f"learner failed in step {self.step + 1}: {exc}") from exc
-            ckpt = latest_checkpoint(self.run_dir)
-            log.warning("learner failed (%s); restoring all ranks from %s", exc, ckpt)
-            restores = self.counters.learner_restores + 1
-            stale_dropped = self.counters.stale_dropped
-            if self._producer is not None:
-                # The producer samples with what the restore rewinds (RNG, data position, reward
-                # statistics, policy version): stop it, restore, and start a fresh one from there.
-                stale_dropped += self._producer.stop()
-                self._producer = None
-            self.roles.learners.restart()
-            if ckpt is not None:
-                self._restore(ckpt)  # else the restarted ranks start from model.pretrained again
-            self.counters.learner_restores = restores  # the checkpoint's counters predate this failure
-            self.counters.stale_dropped = stale_dropped
-            self._sync(rewind=True)
-            if self.cfg.run.mode in RL_MODES and self.cfg.pipeline.enabled:
-                self._producer = AsyncProducer(self)
+            self._recover_learners(exc, f"step {self.step + 1}")
             return self._train_step()
+
+    def _guarded(self, phase: str, fn: Callable[[], T]) -> T | None:
+        """Run a phase outside the training step (evaluation, checkpoint, export) with the step's fault
+        handling. None: a learner rank died and the run was rewound to the last checkpoint, so the caller's
+        loop trains the steps after it again (the dead rank's state, and so this phase, is lost)."""
+        from actors.learner import LearnerFailed
+        from orchestrator.rollout import GenerationFailed
+        from rewards.client import RewardServiceDown
+
+        try:
+            return fn()
+        except LearnerFailed as exc:
+            self._recover_learners(exc, phase)
+            return None
+        except (RewardServiceDown, GenerationFailed) as exc:
+            self._checkpoint_if_possible()  # the state after step `self.step`: complete, resumable
+            raise RunFailed(f"{phase} failed (checkpoint of step {self.step} kept): {exc}") from exc
+
+    def _recover_learners(self, exc: BaseException, where: str) -> None:
+        """A learner rank died in `where`: restart every rank from the last checkpoint and rewind the run to
+        it (run.on_learner_failure=restore, at most run.max_restores times), or stop with RunFailed."""
+        assert self.roles is not None
+        ckpt = latest_checkpoint(self.run_dir)
+        stop = {
+            "run.on_learner_failure=stop": self.cfg.run.on_learner_failure == "stop",
+            f"run.max_restores={self.cfg.run.max_restores} used": (
+                self.counters.learner_restores >= self.cfg.run.max_restores
+            ),
+            # the restarted ranks would start from model.pretrained while the run counts on from here
+            "no checkpoint to restore from": ckpt is None and self.step > 0,
+        }
+        if reasons := [why for why, hit in stop.items() if hit]:
+            self._checkpoint_if_possible()
+            raise RunFailed(f"learner failed in {where}: {exc} ({', '.join(reasons)})") from exc
+        log.warning("learner failed in %s (%s); restoring all ranks from %s", where, exc, ckpt)
+        restores = self.counters.learner_restores + 1
+        stale_dropped = self.counters.stale_dropped
+        if self._producer is not None:
+            # The producer samples with what the restore rewinds (RNG, data position, reward
+            # statistics, policy version): stop it, restore, and start a fresh one from there.
+            stale_dropped += self._producer.stop()
+            self._producer = None
+        self.roles.learners.restart()
+        if ckpt is not None:
+            self._restore(ckpt)  # else (step 0) the restarted ranks start from model.pretrained again
+        self.counters.learner_restores = restores  # the checkpoint's counters predate this failure
+        self.counters.stale_dropped = stale_dropped
+        self._sync(rewind=True)
+        if self.cfg.run.mode in RL_MODES and self.cfg.pipeline.enabled:
+            self._producer = AsyncProducer(self)
 
     def _train_step(self) -> dict[str, float]:
         assert self.roles is not None
@@ -302,6 +337,15 @@ class Controller:
         return rew
 
     # ---------------------------------------------------------------- sync, eval, checkpoints
+    def _finish(self) -> tuple[dict[str, float], bool | None]:
+        """After the last step: evaluate, prove the generators hold the final weights, checkpoint, export."""
+        assert self.roles is not None
+        after = self._evaluate("after")
+        in_sync = self._weights_in_sync()
+        self._checkpoint()
+        self.roles.learners.export_diffusers(str(self.run_dir / "export"))
+        return after, in_sync
+
     def _sync(self, rewind: bool = False) -> None:
         assert self.roles is not None
         snapshot = self.roles.learners.state_for_rollout()

@@ -299,15 +299,22 @@ def test_reward_service_down_past_its_budget_stops_with_a_resumable_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- learner
-def _kill_rank0_on(call: int, monkeypatch: pytest.MonkeyPatch, pids: list[int]) -> None:
+def _kill_rank0_on(
+    call: int, monkeypatch: pytest.MonkeyPatch, pids: list[int], where: str = "LearnerGroup.forward_backward"
+) -> None:
+    """SIGKILL learner rank 0 just before the `call`-th call (0-based) of `where`, a LearnerGroup or Roles
+    method; `pids` gets rank 0's process id at each call."""
     from actors.learner import LearnerGroup
+    from orchestrator.roles import Roles
 
-    def on_call(n: int, group: LearnerGroup, args: tuple[Any, ...]) -> None:
-        pids.append(group.pids()[0])
+    owner, method = where.split(".")
+
+    def on_call(n: int, obj: LearnerGroup | Roles, args: tuple[Any, ...]) -> None:
+        pids.append((obj if isinstance(obj, LearnerGroup) else obj.learners).pids()[0])
         if n == call:
             _sigkill_and_wait(pids[-1])
 
-    _calls(LearnerGroup, "forward_backward", monkeypatch, on_call)
+    _calls({"LearnerGroup": LearnerGroup, "Roles": Roles}[owner], method, monkeypatch, on_call)
 
 
 def test_learner_rank_killed_restores_all_ranks_from_the_last_checkpoint(
@@ -351,6 +358,69 @@ def test_learner_rank_killed_with_on_learner_failure_stop_ends_the_run_clearly(
         run_faulty(tmp_path, policy, steps=3, extra=("run.on_learner_failure=stop",))
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.name == "step-0000001"
+
+
+# Calls: `save` once per step (checkpoint_every=1) and at the end, `sample_eval` before training and
+# after it (eval_every=0), `export_diffusers` once at the end.
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [("LearnerGroup.save", 1), ("Roles.sample_eval", 1), ("LearnerGroup.export_diffusers", 0)],
+    ids=["step-2-checkpoint", "final-evaluation", "export"],
+)
+def test_learner_rank_killed_outside_a_step_restores_and_finishes_as_without_the_fault(
+    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, call: int
+) -> None:
+    """A rank dies while step 2's checkpoint is written, during the final evaluation (the death shows at
+    the next learner call) or while the policy is exported: every rank restarts from the last complete
+    checkpoint, the run trains on from there and ends as the uninterrupted run does."""
+    pids: list[int] = []
+    _kill_rank0_on(call, monkeypatch, pids, where)
+    summary = run_faulty(tmp_path, policy, steps=3)
+
+    assert summary["counters"]["learner_restores"] == 1 and summary["steps"] == 3
+    assert len(pids) > call + 1 and pids[call] != pids[-1], "the phase ran again on the restarted ranks"
+    assert summary["weights_in_sync"] is True and (tmp_path / "export" / "config.json").exists()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*")), "the half-written checkpoint was redone"
+    assert_same_steps(tmp_path, baseline, range(1, 4))
+    assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
+
+
+@pytest.mark.parametrize(
+    ("where", "call", "setting", "message", "last"),
+    [
+        (
+            "LearnerGroup.save", 1, "run.on_learner_failure=stop",
+            r"learner failed in checkpoint of step 2: learner-rank0 failed in save", "step-0000001",
+        ),
+        (
+            "LearnerGroup.export_diffusers", 0, "run.max_restores=0",
+            r"(?s)learner failed in final evaluation, checkpoint and export: learner-rank0 failed in "
+            r"export_diffusers.*\(run.max_restores=0 used\)",
+            "step-0000003",
+        ),
+    ],
+    ids=["checkpoint-stop", "export-no-restores-left"],
+)  # fmt: skip
+def test_learner_rank_killed_outside_a_step_without_restores_stops_naming_the_phase(
+    ray_cluster: object,
+    policy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    call: int,
+    setting: str,
+    message: str,
+    last: str,
+) -> None:
+    pids: list[int] = []
+    _kill_rank0_on(call, monkeypatch, pids, where)
+    with pytest.raises(RunFailed, match=message):
+        run_faulty(tmp_path, policy, steps=3, extra=(setting,))
+    assert not (tmp_path / "summary.json").exists()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == last, "only complete checkpoints count"
+    for half in (tmp_path / "checkpoints").glob(".tmp-*"):
+        assert not (half / "COMPLETE").exists()
 
 
 # ---------------------------------------------------------------------------------------------- NaN
