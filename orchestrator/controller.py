@@ -64,7 +64,6 @@ class Controller:
         self.rng = torch.Generator().manual_seed(cfg.run.seed)
         self.counters = Counters()
         self.roles: Roles | None = None
-        self.history: list[dict[str, float]] = []
         self.produced = 0
         """Rollout rounds produced; equals `step` in sync mode, runs ahead of it in async mode."""
         self._producer: AsyncProducer | None = None
@@ -92,7 +91,6 @@ class Controller:
                     metrics["time/step_s"] = time.perf_counter() - t_step
                     self.step += 1
                     metrics["step"] = float(self.step)
-                    self.history.append(metrics)
                     roles.metrics.log(self.step, metrics)
                     roles.progress.update(self.step, metrics)
                     self._check_skip_rate()
@@ -436,7 +434,6 @@ class Controller:
             "data": self.roles.data.state(),
             "rewards": self.roles.rewards.state(),
             "counters": _asdict(self.counters),
-            "history": list(self.history),
             "produced": self.produced,
             # Async: undelivered rollouts are not saved; the record says how many were discarded.
             "buffer": _asdict(self._producer.buffer.state(keep_items=False)) if self._producer else None,
@@ -449,7 +446,6 @@ class Controller:
         self.roles.data.load_state(state["data"])
         self.roles.rewards.load_state(state["rewards"])
         self.counters = Counters(**state["counters"])
-        self.history = list(state["history"])
         self.produced = int(state.get("produced", self.step))
 
     def _restore(self, ckpt: Path) -> None:
