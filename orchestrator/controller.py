@@ -362,7 +362,8 @@ class Controller:
         roll = self.roles.sample_eval(flat, seeds, groups, steps=ev.steps)
         out: dict[str, float] = {}
         if self.roles.rewards.available:
-            rew = self.roles.rewards.score(roll.images, roll.prompts)
+            # update=False: scoring the evaluation must not move the normaliser training rollouts use
+            rew = self.roles.rewards.score(roll.images, roll.prompts, update=False)
             ok = rew.ok  # raw scores: the normalised total depends on the run's reward statistics
             for name, vals in {**rew.per_scorer, **rew.extras}.items():
                 out[name] = float(vals[ok].mean()) if ok.any() else float("nan")

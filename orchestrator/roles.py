@@ -95,9 +95,10 @@ class RewardScorer:
         self.available = bool(specs)
         self._client = RewardClientSync(RewardClientConfig(rewards=specs)) if specs else None
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> Rewards:
+    def score(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> Rewards:
+        """`update=False` (evaluation) leaves the running reward normalisation as it was."""
         assert self._client is not None, "no reward configured"
-        return self._client.score_sync(images, prompts).to_record()
+        return self._client.score_sync(images, prompts, update=update).to_record()
 
     def state(self) -> dict[str, Any]:
         return self._client.state() if self._client else {}

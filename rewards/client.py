@@ -484,8 +484,12 @@ class RewardClient:
         cache = self._services[name].cache
         return cache.hits, cache.misses
 
-    async def score(self, images: np.ndarray, prompts: list[str]) -> CombinedScores:
-        """Score with every reward concurrently and combine; raises RewardServiceDown / RewardRequestError."""
+    async def score(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> CombinedScores:
+        """Score with every reward concurrently and combine; raises RewardServiceDown / RewardRequestError.
+
+        `update=False` normalises with the running moments without adding this batch to them: evaluation
+        must not change what training rollouts are scored against.
+        """
         _check_input(images, prompts)
         hashes = item_hashes(images) if self.cfg.cache_size else None
         specs = self.cfg.rewards
@@ -501,7 +505,8 @@ class RewardClient:
             heads = self._services[spec.name].info.heads
             x = batch.scores[heads[0]]
             if spec.normalize:
-                self._norms[spec.name].update(x[batch.ok])
+                if update:
+                    self._norms[spec.name].update(x[batch.ok])
                 z = self._norms[spec.name](x)
             else:
                 z = x.astype(np.float32)
@@ -552,8 +557,8 @@ class RewardClientSync:
     def _run(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def score_sync(self, images: np.ndarray, prompts: list[str]) -> CombinedScores:
-        return self._run(self.client.score(images, prompts))
+    def score_sync(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> CombinedScores:
+        return self._run(self.client.score(images, prompts, update=update))
 
     def state(self) -> dict[str, dict[str, float]]:
         return self.client.state()

@@ -79,6 +79,12 @@ def test_two_rewards_combined_normalised_cached_and_failures_marked() -> None:
                 np.testing.assert_allclose(again.raw["detail"], s.raw["detail"])
                 state = client.state()
                 assert state["detail"]["count"] == 12.0 and "bright" in state
+                # evaluation scores with the running moments but leaves them alone
+                held = await client.score(images[:3] // 2, prompts[:3], update=False)
+                assert client.state() == state
+                mean_, std_ = state["detail"]["mean"], (state["detail"]["m2"] / 12.0) ** 0.5
+                want = (held.raw["detail"].astype(np.float64) - mean_) / (std_ + cfg.norm_eps)
+                np.testing.assert_allclose(held.normalized["detail"], want, rtol=1e-5)
                 record = s.to_record()
                 assert record.total.shape == (6,) and not bool(record.ok[2])
 
