@@ -45,9 +45,11 @@ def quantize(
     """
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"fp8 input: expected a floating 2-D matrix, got {x.dtype} {tuple(x.shape)}")
-    if check_finite and not bool(torch.isfinite(x.abs().amax())):
+    x32 = x.float()
+    amax = _amax(x32, per_row)
+    if check_finite and not bool(torch.isfinite(amax).all()):
         raise ValueError("fp8 input: contains inf or NaN; refusing to quantize")
-    data, scale = _codes(x, per_row)
+    data, scale = _encode(x32, amax)
     if out is None:
         return FP8Tensor(data=data, scale=scale)
     if out.data.shape != data.shape or out.scale.shape != scale.shape:
@@ -60,14 +62,23 @@ def quantize(
     return out
 
 
-def _codes(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 codes [rows, cols], float32 scales [rows, 1] or []) of a finite matrix."""
-    x32 = x.float()
-    amax = x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
+def _amax(x32: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """float32 [rows, 1] (per row) or [] absolute maxima; NaN where the row holds a NaN."""
+    return x32.abs().amax(dim=1, keepdim=True) if per_row else x32.abs().amax()
+
+
+def _encode(x32: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 codes [rows, cols], float32 scales shaped like amax) of a finite float32 matrix."""
     # A tensor divisor, not a Python float: CUDA divides by a CPU scalar as a multiply by its reciprocal,
     # which moves the scale by an ulp and flips E4M3 roundings; the GPU's codes must equal the CPU's.
     scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     return (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _codes(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_encode` with its maxima, unchecked: what the compiled activation path fuses."""
+    x32 = x.float()
+    return _encode(x32, _amax(x32, per_row))
 
 
 _fused_codes: Any = None
