@@ -34,6 +34,17 @@ REWARD = "jpeg"
 """The reward of fault runs: JPEG size differs for any two images, so every group carries signal."""
 
 
+SMALL_RL = (
+    "rollout.prompts_per_step=2",
+    "rollout.num_seeds=4",
+    "rollout.keep=2",
+    "rollout.preview_steps=2",
+    "rollout.final_steps=3",
+    "learner.micro_batch_size=8",
+)
+"""The smallest RL step that still has groups to rank: what the soak, fault and end-to-end tests run."""
+
+
 def fault_overrides(run_dir: Path, policy: Path, *, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
     """`--set` values that shrink recipes/tiny.yaml to a run of about a second per step on a CPU: Sol-RL
     two-stage (NVFP4 preview, BF16 final) on 2 prompts x 4 seeds, a checkpoint every step, tiny evals."""
@@ -47,12 +58,7 @@ def fault_overrides(run_dir: Path, policy: Path, *, steps: int, extra: tuple[str
         "eval.steps=2",
         "logging.wandb=disabled",
         "logging.progress=false",
-        "rollout.prompts_per_step=2",
-        "rollout.num_seeds=4",
-        "rollout.keep=2",
-        "rollout.preview_steps=2",
-        "rollout.final_steps=3",
-        "learner.micro_batch_size=8",
+        *SMALL_RL,
         # one intra-op thread per actor: with two on a busy 2-core box, OpenMP barriers wait on
         # preempted threads and a 0.4 s rollout takes 5-10 s
         "resources.generator_threads=1",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.soak import SMALL_RL
 from orchestrator.config import load_recipe
 from orchestrator.launch import launch
 
@@ -22,14 +23,7 @@ SMALL = [
     "logging.wandb=disabled",
     "logging.progress=false",
 ]
-RL = [
-    "rollout.prompts_per_step=2",
-    "rollout.num_seeds=4",
-    "rollout.keep=2",
-    "rollout.preview_steps=2",
-    "rollout.final_steps=3",
-    "learner.micro_batch_size=8",
-]
+RL = list(SMALL_RL)
 
 
 @pytest.fixture(scope="module")
