@@ -338,6 +338,8 @@ class Controller:
     def _finish(self) -> tuple[dict[str, float], bool | None]:
         """After the last step: evaluate, prove the generators hold the final weights, checkpoint, export."""
         assert self.roles is not None
+        if self.step > 0:  # redone after a restore: the first try's "after" rows must not stay twice
+            self.roles.rollout_log.drop_stage("eval", self.step)
         after = self._evaluate("after")
         in_sync = self._weights_in_sync()
         self._checkpoint()

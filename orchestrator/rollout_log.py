@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +116,25 @@ class RolloutLog:
     def drop_after(self, step: int) -> int:
         """Remove rows logged after `step` (a resumed run repeats those steps); returns how many went.
         Buffered rows are dropped too; part files are rewritten atomically."""
-        kept = [b.filter(pc.less_equal(b.column("step"), step)) for b in self._batches]
+        return self._drop(lambda t: pc.greater(t.column("step"), step))
+
+    def drop_stage(self, stage: str, step: int) -> int:
+        """Remove the `stage` rows of `step`: a phase that runs again after a restore (the final evaluation)
+        replaces its rows instead of adding a second copy; returns how many went."""
+        if stage not in STAGES:
+            raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+        return self._drop(
+            lambda t: pc.and_(pc.equal(t.column("step"), step), pc.equal(t.column("stage"), stage))
+        )
+
+    def _drop(self, doomed: Callable[[pa.Table | pa.RecordBatch], pa.ChunkedArray | pa.Array]) -> int:
+        kept = [b.filter(pc.invert(doomed(b))) for b in self._batches]
         removed = sum(b.num_rows for b in self._batches) - sum(b.num_rows for b in kept)
         self._batches = [b for b in kept if b.num_rows]
         self._pending = sum(b.num_rows for b in self._batches)
         for part in _parts(self.dir):
             table = pq.read_table(part)
-            keep = table.filter(pc.less_equal(table.column("step"), step))
+            keep = table.filter(pc.invert(doomed(table)))
             if keep.num_rows == table.num_rows:
                 continue
             removed += table.num_rows - keep.num_rows

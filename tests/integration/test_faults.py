@@ -12,6 +12,7 @@ must come out exactly as without the fault. About 2 minutes on 2 CPU cores (3 wh
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import math
@@ -77,6 +78,14 @@ def rollouts(run: Path, last_step: int) -> list[tuple[Any, ...]]:
     keys = ("step", "stage", "group_id", "seed", "ok", "reward", f"score/{REWARD}", "thumbnail")
     rows = [tuple(r[k] for k in keys) for r in t if r["stage"] != "eval" and r["step"] <= last_step]
     return sorted(rows, key=lambda r: r[:4])
+
+
+def eval_rows(run: Path) -> dict[int, int]:
+    """Evaluation rows in the rollout log per step."""
+    from orchestrator.rollout_log import read_rollout_log
+
+    steps = [r["step"] for r in read_rollout_log(run / "rollouts").to_pylist() if r["stage"] == "eval"]
+    return dict(collections.Counter(steps))
 
 
 def _calls(obj: Any, name: str, monkeypatch: pytest.MonkeyPatch, on_call: Any) -> None:
@@ -383,6 +392,8 @@ def test_learner_rank_killed_outside_a_step_restores_and_finishes_as_without_the
     assert not list((tmp_path / "checkpoints").glob(".tmp-*")), "the half-written checkpoint was redone"
     assert_same_steps(tmp_path, baseline, range(1, 4))
     assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
+    evaluated = eval_rows(baseline)[0]  # rows of one evaluation (the baseline trains 5 steps, this run 3)
+    assert eval_rows(tmp_path) == {0: evaluated, 3: evaluated}, "a redone final evaluation logs once"
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,22 @@ def test_drop_after_removes_rows_of_steps_a_resumed_run_repeats(tmp_path: Path) 
     assert table.column("seed").to_pylist()[-1] == 30001
 
 
+def test_drop_stage_removes_only_that_stage_of_that_step(tmp_path: Path) -> None:
+    log = RolloutLog(tmp_path, flush_rows=3)
+    log.append(*batch(2, 4, seed=1), stage="final", step=4)
+    log.append(*batch(2, 4, seed=2), stage="eval", step=4)  # written to a part file
+    log.append(*batch(2, 3, seed=3), stage="eval", step=3)
+    log.append(*batch(1, 4, seed=4), stage="eval", step=4)  # still buffered
+    assert log.drop_stage("eval", 4) == 3
+    log.close()
+    table = read_rollout_log(tmp_path)
+    assert list(zip(table.column("step").to_pylist(), table.column("stage").to_pylist())) == [
+        (4, "final"), (4, "final"), (3, "eval"), (3, "eval"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^stage: expected one of"):
+        log.drop_stage("after", 4)
+
+
 def test_bad_input_names_the_field(tmp_path: Path) -> None:
     log = RolloutLog(tmp_path)
     roll, rew = batch(3, 0)
