@@ -35,7 +35,7 @@ from actors.base import RankActor
 from actors.records import TrainBatch, WeightSnapshot
 from policy import losses as L
 from policy.lora import LoRAConfig
-from policy.parallelize import DType, OptimConfig
+from policy.parallelize import DType, OptimConfig, lr_at
 from policy.sana import ModelConfig
 
 
@@ -182,6 +182,9 @@ class Learner(RankActor):
         grad_norm = float(norm)
         finite = bool(torch.isfinite(norm))
         if finite:
+            lr = lr_at(self.cfg.optim, self.version)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.version += 1
             if "old" in self.slots:  # one optimizer step is one rollout round (epoch) for the controller

@@ -159,6 +159,14 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     cfg.data.resolve(path.parent)
+    optim = cfg.learner.optim
+    if optim.decay_steps == 0:  # the schedule spans the run unless the recipe says otherwise
+        optim.decay_steps = cfg.run.steps
+    if optim.schedule != "constant" and optim.warmup_steps >= optim.decay_steps:
+        raise ConfigError(
+            f"{path}: learner.optim.warmup_steps: {optim.warmup_steps} leaves nothing of the {optim.schedule} "
+            f"decay over decay_steps={optim.decay_steps}"
+        )
     return cfg
 
 

@@ -9,6 +9,7 @@ casts latents and text to its compute dtype itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,6 +86,27 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata={"gt": 0.0})
     grad_clip: float = field(default=1.0, metadata={"ge": 0.0})
     """Max global gradient norm; 0 disables clipping (the norm is still checked for NaN/inf)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate shape after the warm-up: held, or decayed over `decay_steps` to lr·min_lr_ratio."""
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    """Linear ramp from lr/warmup_steps up to lr over the first optimizer steps."""
+    decay_steps: int = field(default=0, metadata={"ge": 0})
+    """Optimizer steps the schedule spans, warm-up included; 0: the run's `run.steps` (set at load)."""
+    min_lr_ratio: float = field(default=0.0, metadata={"ge": 0.0, "le": 1.0})
+    """Where cosine and linear end, as a fraction of lr."""
+
+
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based). A pure function of the step, so a resumed
+    run continues the schedule from its checkpoint's policy version with no scheduler state to save."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(cfg.decay_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -145,4 +167,4 @@ class Adafactor(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-lr)
 
 
-__all__ = ["Adafactor", "DType", "OptimConfig", "build_optimizer", "clean_name", "parallelize"]
+__all__ = ["Adafactor", "DType", "OptimConfig", "build_optimizer", "clean_name", "lr_at", "parallelize"]

@@ -60,7 +60,10 @@ def _assert_states_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 @pytest.fixture(scope="module")
 def groups(ray_cluster: object) -> Iterator[tuple[LearnerGroup, LearnerGroup]]:
-    cfg = _config()
+    # A warm-up and a decay: resuming must continue the schedule from the checkpoint's version.
+    cfg = _config(
+        optim=OptimConfig(lr=1e-3, schedule="linear", warmup_steps=2, decay_steps=4, min_lr_ratio=0.5)
+    )
     g2 = LearnerGroup(
         world_size=2, model_cfg=MODEL, learner_cfg=cfg, loss_cfg=LossConfig(), seed=3, name_prefix="t2"
     )
@@ -85,9 +88,10 @@ def test_two_ranks_match_one_rank_and_resume_exactly(
         m1 = g1.forward_backward(batch)
         assert torch.isfinite(torch.tensor(per_rank[0]["loss"]))
         assert per_rank[0]["loss"] == pytest.approx(m1["loss"], rel=1e-5)
-        v2, _ = g2.optim_step()
+        v2, om2 = g2.optim_step()
         v1, _ = g1.optim_step()
         assert v2 == v1 == step + 1
+        assert om2["lr"] == pytest.approx([5e-4, 1e-3][step])  # the warm-up's ramp
     assert g2._call("counters")[0] == g2._call("counters")[1]
     snap2, snap1 = g2.state_for_rollout(), g1.state_for_rollout()
     assert snap2.policy_version == 2
@@ -104,7 +108,8 @@ def test_two_ranks_match_one_rank_and_resume_exactly(
     after3 = g2.state_for_rollout().state
     assert g2.load(str(tmp_path / "step-0000002")) == 2
     assert g2.forward_backward(third)["loss"] == loss3
-    assert g2.optim_step()[0] == 3
+    version, om = g2.optim_step()
+    assert version == 3 and om["lr"] == pytest.approx(1e-3)  # a schedule restarted at 0 would say 5e-4
     resumed = g2.state_for_rollout().state
     assert all(torch.equal(after3[k], resumed[k]) for k in after3)
 
