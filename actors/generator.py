@@ -117,6 +117,7 @@ class RolloutEngine:
             )
         if not (len(req.prompts) == len(req.seeds) == len(req.group_ids)):
             raise ValueError("prompts, seeds and group_ids must have the same length")
+        t0 = time.perf_counter()
         model = self.policy if req.precision == "bf16" else self.copies[req.precision]
         text, mask = self.encode(req.prompts)
         cfg = replace(self.sampler_cfg, steps=req.steps)
@@ -157,6 +158,7 @@ class RolloutEngine:
             sigmas=host(result.sigmas),
             log_probs=host(result.log_probs),
             sde_mask=host(result.sde_mask),
+            seconds=time.perf_counter() - t0,
         )
 
 

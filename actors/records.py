@@ -33,6 +33,8 @@ class Rollouts:
     sigmas: torch.Tensor | None = None  # float32 [S+1] from 1 to 0
     log_probs: torch.Tensor | None = None  # float32 [N, S] log p(x_{i+1} | x_i) of the rollout policy
     sde_mask: torch.Tensor | None = None  # bool [S] steps that were SDE (trainable) steps
+    seconds: float = 0.0
+    """Wall time of the call that sampled them (a pool call: all replicas, retries included)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -59,6 +61,7 @@ class Rollouts:
             sigmas=self.sigmas,
             log_probs=take(self.log_probs),
             sde_mask=self.sde_mask,
+            seconds=self.seconds,
         )
 
     @staticmethod
@@ -87,6 +90,7 @@ class Rollouts:
             sigmas=first.sigmas,
             log_probs=cat([p.log_probs for p in parts]),
             sde_mask=first.sde_mask,
+            seconds=max(p.seconds for p in parts),  # replicas sample side by side
         )
 
 

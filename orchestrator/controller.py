@@ -321,9 +321,8 @@ class Controller:
         for name, vals in {**rew.per_scorer, **rew.extras}.items():
             if ok.any():
                 metrics[f"{stage}/{name}"] = float(vals[ok].mean())
-        metrics[f"{stage}/images_per_s"] = (
-            len(roll) / max(self.roles.pool.stats.seconds, 1e-9) if self.roles.pool else 0.0
-        )
+        if roll.seconds > 0:  # this call's rate (the pool's counters add up the whole run)
+            metrics[f"{stage}/images_per_s"] = len(roll) / roll.seconds
         metrics[f"time/score_{stage}_s"] = dt
         with self._log_lock:
             # the step these rollouts train (as metrics.jsonl counts), so a restore's drop_after(step)

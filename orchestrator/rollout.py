@@ -132,8 +132,9 @@ class GeneratorPool:
             ]
         )
         out = out.select(torch.argsort(order))  # back to the caller's order
+        out.seconds = time.perf_counter() - t0
         self.stats.images += len(out)
-        self.stats.seconds += time.perf_counter() - t0
+        self.stats.seconds += out.seconds
         return out
 
     def _collect(self, replica: int, req: GenerateRequest, ref: Any, n_groups: int) -> Rollouts:

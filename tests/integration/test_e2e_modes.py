@@ -53,7 +53,22 @@ def _check_artifacts(run: Path, *, rl: bool) -> list[dict[str, object]]:
             for r in steps  # type: ignore[arg-type]
         )
         assert list((run / "rollouts").glob("part-*.parquet"))
+        _check_rates(run, steps)
     return rows
+
+
+def _check_rates(run: Path, steps: list[dict[str, object]]) -> None:
+    """Each stage's images/s is that step's own rate: its images over its share of the generation time."""
+    from orchestrator.rollout_log import read_rollout_log
+
+    log = read_rollout_log(run / "rollouts").to_pylist()
+    for row in steps:
+        spent = 0.0
+        for stage in ("preview", "final"):
+            n = sum(1 for r in log if r["step"] == row["step"] and r["stage"] == stage)
+            if f"{stage}/images_per_s" in row:
+                spent += n / float(row[f"{stage}/images_per_s"])  # type: ignore[arg-type]
+        assert 0 < spent <= float(row["time/generate_s"]) * 1.01, row  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
