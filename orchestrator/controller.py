@@ -127,23 +127,23 @@ class Controller:
         from rewards.client import RewardServiceDown
 
         assert self.roles is not None
-        start = self._state() if self._producer is None else None
-        try:
-            return self._train_step()
-        except (RewardServiceDown, GenerationFailed, RunFailed) as exc:
-            # Stop with a checkpoint to resume from. In sync mode it holds the state this step started
-            # from (the step trained nothing), so a resumed run repeats the step exactly.
-            if start is not None:
-                self._load_state(start)
-            self._checkpoint_if_possible()
-            if isinstance(exc, RunFailed):
-                raise
-            raise RunFailed(
-                f"step {self.step + 1} failed (checkpoint of step {self.step} kept): {exc}"
-            ) from exc
-        except LearnerFailed as exc:
-            self._recover_learners(exc, f"step {self.step + 1}")
-            return self._train_step()
+        while True:  # a learner failure rewinds to the last checkpoint and trains the step after it
+            start = self._state() if self._producer is None else None
+            try:
+                return self._train_step()
+            except (RewardServiceDown, GenerationFailed, RunFailed) as exc:
+                # Stop with a checkpoint to resume from. In sync mode it holds the state this step started
+                # from (the step trained nothing), so a resumed run repeats the step exactly.
+                if start is not None:
+                    self._load_state(start)
+                self._checkpoint_if_possible()
+                if isinstance(exc, RunFailed):
+                    raise
+                raise RunFailed(
+                    f"step {self.step + 1} failed (checkpoint of step {self.step} kept): {exc}"
+                ) from exc
+            except LearnerFailed as exc:  # run.max_restores bounds how often this goes round
+                self._recover_learners(exc, f"step {self.step + 1}")
 
     def _guarded(self, phase: str, fn: Callable[[], T]) -> T | None:
         """Run a phase outside the training step (evaluation, checkpoint, export) with the step's fault
@@ -164,34 +164,44 @@ class Controller:
 
     def _recover_learners(self, exc: BaseException, where: str) -> None:
         """A learner rank died in `where`: restart every rank from the last checkpoint and rewind the run to
-        it (run.on_learner_failure=restore, at most run.max_restores times), or stop with RunFailed."""
+        it (run.on_learner_failure=restore, at most run.max_restores times), or stop with RunFailed. A rank
+        that dies again during the restore uses up another restore."""
+        from actors.learner import LearnerFailed
+
         assert self.roles is not None
         ckpt = latest_checkpoint(self.run_dir)
-        stop = {
-            "run.on_learner_failure=stop": self.cfg.run.on_learner_failure == "stop",
-            f"run.max_restores={self.cfg.run.max_restores} used": (
-                self.counters.learner_restores >= self.cfg.run.max_restores
-            ),
-            # the restarted ranks would start from model.pretrained while the run counts on from here
-            "no checkpoint to restore from": ckpt is None and self.step > 0,
-        }
-        if reasons := [why for why, hit in stop.items() if hit]:
-            self._checkpoint_if_possible()
-            raise RunFailed(f"learner failed in {where}: {exc} ({', '.join(reasons)})") from exc
-        log.warning("learner failed in %s (%s); restoring all ranks from %s", where, exc, ckpt)
-        restores = self.counters.learner_restores + 1
         stale_dropped = self.counters.stale_dropped
         if self._producer is not None:
             # The producer samples with what the restore rewinds (RNG, data position, reward
             # statistics, policy version): stop it, restore, and start a fresh one from there.
             stale_dropped += self._producer.stop()
             self._producer = None
-        self.roles.learners.restart()
-        if ckpt is not None:
-            self._restore(ckpt)  # else (step 0) the restarted ranks start from model.pretrained again
-        self.counters.learner_restores = restores  # the checkpoint's counters predate this failure
+        while True:
+            stop = {
+                "run.on_learner_failure=stop": self.cfg.run.on_learner_failure == "stop",
+                f"run.max_restores={self.cfg.run.max_restores} used": (
+                    self.counters.learner_restores >= self.cfg.run.max_restores
+                ),
+                # the restarted ranks would start from model.pretrained while the run counts on from here
+                "no checkpoint to restore from": ckpt is None and self.step > 0,
+            }
+            if reasons := [why for why, hit in stop.items() if hit]:
+                self._checkpoint_if_possible()
+                raise RunFailed(f"learner failed in {where}: {exc} ({', '.join(reasons)})") from exc
+            log.warning("learner failed in %s (%s); restoring all ranks from %s", where, exc, ckpt)
+            restores = self.counters.learner_restores + 1
+            try:
+                self.roles.learners.restart()
+                if ckpt is not None:
+                    self._restore(ckpt)  # else (step 0) the restarted ranks start from model.pretrained again
+                self._sync(rewind=True)
+            except LearnerFailed as again:
+                exc, where = again, f"the restore from {ckpt}"
+                continue
+            finally:
+                self.counters.learner_restores = restores  # the checkpoint's counters predate the failure
+            break
         self.counters.stale_dropped = stale_dropped
-        self._sync(rewind=True)
         if self.cfg.run.mode in RL_MODES and self.cfg.pipeline.enabled:
             self._producer = AsyncProducer(self)
 

@@ -309,9 +309,12 @@ def test_reward_service_down_past_its_budget_stops_with_a_resumable_checkpoint(
 
 # ---------------------------------------------------------------------------------------------- learner
 def _kill_rank0_on(
-    call: int, monkeypatch: pytest.MonkeyPatch, pids: list[int], where: str = "LearnerGroup.forward_backward"
+    call: int | set[int],
+    monkeypatch: pytest.MonkeyPatch,
+    pids: list[int],
+    where: str = "LearnerGroup.forward_backward",
 ) -> None:
-    """SIGKILL learner rank 0 just before the `call`-th call (0-based) of `where`, a LearnerGroup or Roles
+    """SIGKILL learner rank 0 just before the `call`-th call(s) (0-based) of `where`, a LearnerGroup or Roles
     method; `pids` gets rank 0's process id at each call."""
     from actors.learner import LearnerGroup
     from orchestrator.roles import Roles
@@ -320,7 +323,7 @@ def _kill_rank0_on(
 
     def on_call(n: int, obj: LearnerGroup | Roles, args: tuple[Any, ...]) -> None:
         pids.append((obj if isinstance(obj, LearnerGroup) else obj.learners).pids()[0])
-        if n == call:
+        if n in ({call} if isinstance(call, int) else call):
             _sigkill_and_wait(pids[-1])
 
     _calls({"LearnerGroup": LearnerGroup, "Roles": Roles}[owner], method, monkeypatch, on_call)
@@ -354,6 +357,43 @@ def test_learner_rank_killed_in_async_mode_restores_and_restarts_the_producer(
     assert summary["weights_in_sync"] is True
     rows = step_rows(tmp_path)
     assert all(rows[s]["learner/loss"] is not None for s in range(1, 4)), rows
+
+
+def test_learner_rank_killed_again_in_the_retried_step_restores_again(
+    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids: list[int] = []
+    _kill_rank0_on({1, 2}, monkeypatch, pids)  # step 2's forward-backward, then its retry
+    summary = run_faulty(tmp_path, policy, steps=3)
+
+    assert summary["counters"]["learner_restores"] == 2 and summary["steps"] == 3
+    assert len(set(pids)) == 3, pids  # two replacements
+    assert_same_steps(tmp_path, baseline, range(1, 4))
+    assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
+
+
+def test_learner_rank_killed_during_the_restore_uses_another_restore(
+    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kill_rank0_on(1, monkeypatch, [])  # step 2's forward-backward
+    _kill_rank0_on(0, monkeypatch, [], "LearnerGroup.load")  # the restarted rank, as it loads step 1
+    summary = run_faulty(tmp_path, policy, steps=3)
+
+    assert summary["counters"]["learner_restores"] == 2 and summary["steps"] == 3
+    assert_same_steps(tmp_path, baseline, range(1, 4))
+
+
+def test_learner_rank_killed_during_the_last_restore_left_stops_naming_it(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kill_rank0_on(1, monkeypatch, [])
+    _kill_rank0_on(0, monkeypatch, [], "LearnerGroup.load")
+    with pytest.raises(
+        RunFailed,
+        match=r"(?s)learner failed in the restore from \S+step-0000001: learner-rank0 failed in load.*"
+        r"\(run\.max_restores=1 used\)",
+    ):
+        run_faulty(tmp_path, policy, steps=3, extra=("run.max_restores=1",))
 
 
 def test_learner_rank_killed_with_on_learner_failure_stop_ends_the_run_clearly(
