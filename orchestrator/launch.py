@@ -51,11 +51,15 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         base = load_recipe(recipe.parent / cfg.run.init_recipe)
         if dry_run:
             print(f"# first: {cfg.run.init_recipe} (skipped when it has finished)")
-        elif not _finished(base):
+        elif _finished(base) and not (changed := changed_settings(base)):
+            print(f"== {base.run.name}: finished earlier, reusing {base.output_dir}")
+        else:
+            if _finished(base):  # made from another version of the recipe: keep it, train afresh
+                aside = _set_aside(base.output_dir)
+                print(f"== {base.run.name}: {cfg.run.init_recipe} changed since {base.output_dir} was made "
+                      f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); moved it to {aside}")  # fmt: skip
             print(f"== stage 1: {base.run.name} ({base.run.mode}) from {cfg.run.init_recipe}")
             launch(base, recipe=recipe.parent / cfg.run.init_recipe, resume=resume)
-        else:
-            print(f"== {base.run.name}: finished earlier, reusing {base.output_dir}")
         if cfg.run.init_from is None:
             cfg.run.init_from = str(base.output_dir)
     if cfg.run.init_from and not dry_run:
@@ -107,6 +111,36 @@ def init_weights(path: Path) -> Path:
 
 def _finished(cfg: RunConfig) -> bool:
     return (cfg.output_dir / "summary.json").exists()
+
+
+def changed_settings(cfg: RunConfig) -> list[str]:
+    """Dotted keys whose value in `cfg` differs from the config its finished run saved. Cluster and logging
+    settings do not change what a run makes, so they do not count."""
+    import yaml
+
+    saved_path = cfg.output_dir / "config.yaml"
+    saved = _flatten(yaml.safe_load(saved_path.read_text())) if saved_path.exists() else {}
+    now = _flatten(yaml.safe_load(dump_config(cfg)))
+    return sorted(
+        k
+        for k in saved.keys() | now.keys()
+        if saved.get(k) != now.get(k) and not k.startswith(("cluster.", "logging."))
+    )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename a run directory out of the way (never deleted): run_dir.stale-1, -2, ..."""
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.stale-{n}")).exists():
+        n += 1
+    run_dir.rename(aside)
+    return aside
 
 
 _STARTED_HERE: list[bool] = []

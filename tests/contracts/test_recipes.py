@@ -68,3 +68,26 @@ def test_dry_run_prints_plan_memory_and_config(capsys: pytest.CaptureFixture[str
     assert "warning: model.pretrained: /models/" in out  # weights are not on this machine
     assert "learner" in out and "generator" in out and "GiB" in out
     assert "mode: sol_rl" in out and "num_seeds: 96" in out
+
+
+def test_a_finished_stage_made_from_another_recipe_version_is_detected_and_set_aside(tmp_path: Path) -> None:
+    """`make demo` reuses a finished pretraining only while tiny_pretrain.yaml still says what made it."""
+    from orchestrator.config import dump_config
+    from orchestrator.launch import _set_aside, changed_settings
+
+    recipe = RECIPES[0].parent / "tiny_pretrain.yaml"
+    cfg = load_recipe(recipe, [f"run.output_dir={tmp_path / 'pre'}"])
+    cfg.output_dir.mkdir()
+    (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
+    assert changed_settings(cfg) == []
+    moved = load_recipe(recipe, [f"run.output_dir={tmp_path / 'pre'}", "cluster.num_cpus=2"])
+    assert changed_settings(moved) == []  # where it runs does not change what it makes
+    edited = load_recipe(
+        recipe, [f"run.output_dir={tmp_path / 'pre'}", "learner.optim.lr=5e-4", "run.steps=90"]
+    )
+    assert changed_settings(edited) == ["learner.optim.decay_steps", "learner.optim.lr", "run.steps"]
+
+    assert _set_aside(cfg.output_dir) == tmp_path / "pre.stale-1"
+    cfg.output_dir.mkdir()
+    assert _set_aside(cfg.output_dir) == tmp_path / "pre.stale-2"
+    assert (tmp_path / "pre.stale-1" / "config.yaml").exists() and not cfg.output_dir.exists()

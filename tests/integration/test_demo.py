@@ -24,6 +24,7 @@ def _shortened(tmp: Path) -> Path:
     pre = yaml.safe_load((RECIPES / "tiny_pretrain.yaml").read_text())
     pre["run"].update(steps=6, checkpoint_every=3, output_dir=str(tmp / "runs" / "tiny-pretrain"))
     pre["learner"].update(batch_size=8, micro_batch_size=8)
+    pre["learner"]["optim"].update(warmup_steps=2)  # the shipped warm-up is longer than 6 steps
     rl = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     rl["run"].update(steps=3, eval_every=2, checkpoint_every=2, output_dir=str(tmp / "runs" / "tiny"))
     rl["rollout"].update(prompts_per_step=2, num_seeds=4, keep=2, preview_steps=2, final_steps=3)

@@ -95,7 +95,12 @@ def test_dataset_mode_end_to_end(ray_cluster: object, tmp_path: Path, mode: str)
     summary = _run(
         tmp_path,
         "tiny_pretrain.yaml",
-        [f"run.mode={mode}", "learner.batch_size=8", "learner.micro_batch_size=8"],
+        [
+            f"run.mode={mode}",
+            "learner.batch_size=8",
+            "learner.micro_batch_size=8",
+            "learner.optim.warmup_steps=1",
+        ],
     )
     assert summary["steps"] == 2 and summary["weights_in_sync"] is None  # no generators in these modes
     _check_artifacts(tmp_path / "run", rl=False)
