@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 # CPU wheel where there is no NVIDIA driver; the default (CUDA) build where there is one.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXTRAS ?= dev,demo,kernels,lora
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test lint typecheck pytest proto bench clean env-imagereward env-hpsv2 env-vlm
+.PHONY: demo test test-slow lint typecheck pytest proto bench clean env-imagereward env-hpsv2 env-vlm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
+
+# The full demo as shipped (about 6 minutes on 2 cores), asserting its gains; CI runs it after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow tests/integration/test_demo.py
 
 proto: $(STAMP)
 	bash scripts/gen_proto.sh

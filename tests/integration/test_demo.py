@@ -73,16 +73,19 @@ def test_short_demo_writes_every_artefact(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 6 minutes on 2 quiet cores
+@pytest.mark.timeout(1800)  # about 5.5 minutes on 2 quiet cores
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped: the RL stage must raise the composition score on held-out prompts (seed 0
-    gains 0.033 here; DEMO_MIN_GAIN sets the bar). Marked slow, not in `make test`: one RL seed's gain
-    varies by several hundredths with the floating-point path, so on another CPU it is not a stable
-    assertion (`pytest -m slow tests/integration/test_demo.py` runs it)."""
+    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-2 on this machine colour
+    accuracy rose by 0.15-0.17 and the composition score by 0.008-0.038 (its standard error is about
+    0.015): the colour bar (DEMO_MIN_COLOUR_GAIN) has a wide margin; composition must not fall
+    (DEMO_MIN_GAIN) on another CPU's floating-point path."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
     assert main(["run", str(RECIPES / "tiny.yaml")]) == 0
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
-    before, after = summary["before"]["composition"], summary["after"]["composition"]
-    assert after >= before + float(os.environ.get("DEMO_MIN_GAIN", "0.02")), (before, after)
+    before, after = summary["before"], summary["after"]
+    gain = after["composition"] - before["composition"]
+    colour_gain = after["composition/colour"] - before["composition/colour"]
+    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.08")), (before, after)
+    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.0")), (before, after)
