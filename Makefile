@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
-# The full demo as shipped (about 6 minutes on 2 cores), asserting its gains; CI runs it after `make test`.
+# The full demo as shipped (about 5.5 minutes on 2 cores), asserting its gains; CI runs it after `make test`.
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow tests/integration/test_demo.py
 

@@ -115,16 +115,20 @@ def _finished(cfg: RunConfig) -> bool:
 
 def changed_settings(cfg: RunConfig) -> list[str]:
     """Dotted keys whose value in `cfg` differs from the config its finished run saved. Cluster and logging
-    settings do not change what a run makes, so they do not count."""
+    settings do not change what a run makes, so they do not count; nor do the keys `launch` fills in before
+    saving (run.init_from from run.init_recipe, model.pretrained from run.init_from)."""
     import yaml
 
     saved_path = cfg.output_dir / "config.yaml"
     saved = _flatten(yaml.safe_load(saved_path.read_text())) if saved_path.exists() else {}
     now = _flatten(yaml.safe_load(dump_config(cfg)))
+    filled = {"run.init_from"} if cfg.run.init_recipe and cfg.run.init_from is None else set()
+    if cfg.run.init_recipe or cfg.run.init_from:
+        filled.add("model.pretrained")
     return sorted(
         k
         for k in saved.keys() | now.keys()
-        if saved.get(k) != now.get(k) and not k.startswith(("cluster.", "logging."))
+        if saved.get(k) != now.get(k) and k not in filled and not k.startswith(("cluster.", "logging."))
     )
 
 

@@ -103,7 +103,11 @@ def lr_at(cfg: OptimConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(cfg.decay_steps - cfg.warmup_steps, 1)
+    if cfg.decay_steps <= cfg.warmup_steps:  # load_recipe fills 0 in and refuses the rest
+        raise ValueError(
+            f"lr_at: a {cfg.schedule} schedule needs decay_steps > warmup_steps, got {cfg.decay_steps}"
+        )
+    span = cfg.decay_steps - cfg.warmup_steps
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)

@@ -87,6 +87,15 @@ def test_a_finished_stage_made_from_another_recipe_version_is_detected_and_set_a
     )
     assert changed_settings(edited) == ["learner.optim.decay_steps", "learner.optim.lr", "run.steps"]
 
+    # A stage that itself starts from another: launch fills run.init_from and model.pretrained in before
+    # saving, and those must not read as edits.
+    chained = load_recipe(RECIPES[0].parent / "tiny.yaml", [f"run.output_dir={tmp_path / 'rl'}"])
+    chained.output_dir.mkdir()
+    filled = load_recipe(RECIPES[0].parent / "tiny.yaml", [f"run.output_dir={tmp_path / 'rl'}"])
+    filled.run.init_from, filled.model.pretrained = "runs/tiny-pretrain", "runs/tiny-pretrain/export"
+    (chained.output_dir / "config.yaml").write_text(dump_config(filled))
+    assert changed_settings(chained) == []
+
     assert _set_aside(cfg.output_dir) == tmp_path / "pre.stale-1"
     cfg.output_dir.mkdir()
     assert _set_aside(cfg.output_dir) == tmp_path / "pre.stale-2"

@@ -45,3 +45,8 @@ def test_warm_up_longer_than_the_decay_is_refused_naming_the_field() -> None:
         load_recipe(
             TINY, overrides=["learner.optim.schedule=linear", "learner.optim.warmup_steps=30", "run.steps=30"]
         )
+
+
+def test_a_decay_without_its_length_is_refused_not_collapsed_to_the_floor() -> None:
+    with pytest.raises(ValueError, match=r"cosine schedule needs decay_steps > warmup_steps, got 0"):
+        lr_at(OptimConfig(lr=1e-3, schedule="cosine"), 5)
