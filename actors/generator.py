@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,13 +63,16 @@ class RolloutEngine:
         quant_cfg: QuantConfig,
         formats: list[Format],
         device: str | torch.device = "cpu",
+        compile: bool = False,
     ) -> None:
         self.sampler_cfg = sampler_cfg
+        self.compile = compile
         self.device = torch.device(device)
         # On a GPU the full-precision copy *is* BF16 (Sol-RL's regeneration precision; fp32 would double
         # the memory and halve the speed); on the CPU it stays float32, where bf16 GEMMs are slow.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).to(self.device, dtype).eval()
+        self.policy.requires_grad_(False)  # never trained here; its copies and compiled graphs agree on it
         self.text_encoder = build_text_encoder(codec_cfg, self.device)
         self.codec = build_image_codec(codec_cfg, self.device, dtype)
         arch = self.policy.cfg
@@ -78,6 +81,7 @@ class RolloutEngine:
         self.quant_cfg = quant_cfg
         self.copies: dict[str, torch.nn.Module] = {}
         self.formats = sorted(set(formats))
+        self._compiled: dict[str, torch.nn.Module] = {}
         self.version = -1
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -109,6 +113,20 @@ class RolloutEngine:
             torch.stack([self._text_cache[p][1] for p in prompts]),
         )
 
+    def _runner(self, precision: str) -> torch.nn.Module:
+        """The module that samples in `precision`: the copy itself, or its compiled wrapper.
+
+        The wrapper is built once per precision and never replaces the copy, whose state dict (and so
+        `load_weights`, which updates it in place) stays as it is; Inductor reads parameters and buffers as
+        graph inputs, so a sync needs no recompilation.
+        """
+        model = self.policy if precision == "bf16" else self.copies[precision]
+        if not self.compile:
+            return model
+        if precision not in self._compiled:
+            self._compiled[precision] = cast(torch.nn.Module, torch.compile(model))
+        return self._compiled[precision]
+
     @torch.no_grad()
     def generate(self, req: GenerateRequest) -> Rollouts:
         if req.expect_version != self.version:
@@ -118,7 +136,7 @@ class RolloutEngine:
         if not (len(req.prompts) == len(req.seeds) == len(req.group_ids)):
             raise ValueError("prompts, seeds and group_ids must have the same length")
         t0 = time.perf_counter()
-        model = self.policy if req.precision == "bf16" else self.copies[req.precision]
+        model = self._runner(req.precision)
         text, mask = self.encode(req.prompts)
         cfg = replace(self.sampler_cfg, steps=req.steps)
         if req.noise_level is not None:

@@ -71,7 +71,9 @@ def _gemm_rows(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
-def _rollout_row(fmt: str, device: torch.device, images: int, t_q: Timing, t_b: Timing, where: str) -> Row:
+def _rollout_row(
+    fmt: str, device: torch.device, images: int, t_q: Timing, t_b: Timing, where: str, compiled: bool = False
+) -> Row:
     ratio = t_b.median_s / t_q.median_s
     target, capability = ROLLOUT_TARGETS.get(fmt, (0.0, (99, 0)))
     judged = bool(target) and device.type == "cuda" and torch.cuda.get_device_capability(device) >= capability
@@ -82,10 +84,10 @@ def _rollout_row(fmt: str, device: torch.device, images: int, t_q: Timing, t_b: 
     )
     return Row(
         suite=SUITE,
-        case=f"rollout {fmt}",
+        case=f"rollout {fmt}" + (" (compiled)" if compiled else ""),
         metric="images/s",
         value=images / t_q.median_s,
-        baseline_name="bf16",
+        baseline_name="bf16 compiled" if compiled else "bf16",
         baseline=images / t_b.median_s,
         ratio=ratio,
         target=f">= {target}x" if judged else "",
@@ -130,7 +132,31 @@ def _dit_rows(device: torch.device, quick: bool) -> list[Row]:
         rows.append(row)
         t_q, t_b = _pair(quick, timed(device, roll, qmodel), timed(device, roll, base))
         rows.append(_rollout_row(fmt, device, batch, t_q, t_b, f"{where}, {steps} steps"))
+    if device.type == "cuda" and not quick:
+        rows += _compiled_rows(model, qcfg, base, where, steps, (x, t, text, mask), roll)
     return rows
+
+
+def _compiled_rows(
+    model: SanaDiT,
+    qcfg: QuantConfig,
+    base: nn.Module,
+    where: str,
+    steps: int,
+    inputs: tuple[torch.Tensor, ...],
+    roll: Callable[[nn.Module], None],
+) -> list[Row]:
+    """FP8 against BF16, both under torch.compile (`rollout.compile`): the quantizer fuses into its
+    neighbours and the per-layer launch overhead goes, which eager FP8 pays on every Linear."""
+    device = inputs[0].device
+    qmodel, _ = quantize_policy(model, dataclasses.replace(qcfg, fmt="fp8"))
+    cq, cb = torch.compile(qmodel), torch.compile(base)
+    t_q, t_b = measure_pair(timed(device, cq, *inputs), timed(device, cb, *inputs), warmup=3, repeats=8)
+    row = speed_row(SUITE, "dit forward fp8 (compiled)", t_q, t_b, baseline_name="bf16 compiled", target=None)
+    row.note = where
+    t_q, t_b = measure_pair(timed(device, roll, cq), timed(device, roll, cb), warmup=2, repeats=8)
+    batch = inputs[0].shape[0]
+    return [row, _rollout_row("fp8", device, batch, t_q, t_b, f"{where}, {steps} steps", compiled=True)]
 
 
 def _memory_rows(device: torch.device, quick: bool) -> list[Row]:

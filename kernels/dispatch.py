@@ -109,6 +109,17 @@ def pick(fmt: str, device: torch.device) -> KernelChoice:
     return choice
 
 
+@torch.compiler.assume_constant_result
+def _impl_name(fmt: str, device: torch.device) -> str:
+    return pick(fmt, device).impl
+
+
+def linear(fmt: str, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight^T + bias` with the implementation `pick` chooses for x's device. torch.compile takes the
+    choice as a constant, so a compiled rollout copy traces through every quantized layer unbroken."""
+    return IMPLS[_impl_name(fmt, x.device)](x, weight, bias)
+
+
 def run(
     choice: KernelChoice, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:

@@ -89,6 +89,8 @@ def _activation_codes(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, tor
     gives a NaN output either way), compiled into one fused kernel (eager it is six kernels around a GEMM
     that takes about as long as all of them); eager where compilation is unavailable."""
     global _fused_codes
+    if torch.compiler.is_compiling():  # inside a compiled rollout copy: fused with its neighbours there
+        return _codes(x, per_row)
     if _fused_codes is None:
         try:
             fused = torch.compile(_codes, dynamic=True)
@@ -121,7 +123,9 @@ def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -
     """`x @ w^T + b` on FP8 tensor cores via `torch._scaled_mm` (CUDA, compute capability >= 8.9).
 
     cuBLAS wants the second operand column-major, which `w.data.t()` of a row-major weight already is.
-    Row-wise scales need a bf16 output; the bias is added afterwards in the same precision. Token rows
+    Row-wise scales need a bf16 output; the bias is added afterwards in the same precision. Fast
+    accumulation (no fp32 promotion inside the K loop): this path only serves rollouts, and on an H200 it
+    made the rowwise GEMM 12-22% faster at 4096 tokens with the same error against BF16. Token rows
     are zero-padded to a multiple of 16 (cuBLASLt rejects or slows down other FP8 row counts).
     """
     x2 = x.reshape(-1, x.shape[-1])
@@ -135,6 +139,7 @@ def linear_scaled_mm(x: torch.Tensor, w: FP8Tensor, bias: torch.Tensor | None) -
         scale_a=scale,
         scale_b=w.scale.reshape(1, -1) if w.per_row else w.scale,
         out_dtype=torch.bfloat16,
+        use_fast_accum=True,
     )
     y = y[:rows]
     if bias is not None:

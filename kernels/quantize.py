@@ -158,7 +158,7 @@ class QuantLinear(nn.Module):
         return self.quant_weight().nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.run(dispatch.pick(self.fmt, x.device), x, self.quant_weight(), self.bias)
+        return dispatch.linear(self.fmt, x, self.quant_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"

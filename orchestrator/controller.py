@@ -28,6 +28,7 @@ from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.roles import Roles, start_roles
 from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
 from policy.codecs import from_uint8
+from policy.flow import drop_captions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -243,10 +244,11 @@ class Controller:
         assert engine is not None  # dataset modes sample and encode in-process
         with torch.no_grad():  # frozen codecs
             x0 = engine.codec.encode(from_uint8(images))
+        seed = self._seed()
+        captions = drop_captions(captions, self.cfg.loss.fm.caption_dropout, seed)
         text, mask = engine.encode(captions)
-        return TrainBatch(
-            kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=self._seed()
-        ), {}
+        batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
+        return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}
 
     def _preference_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         """Offline Diffusion-DPO: (prompt, preferred, rejected) records from data.preferences."""

@@ -229,7 +229,10 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
                 name=f"generator-{i}", num_cpus=res.generator_cpus, num_gpus=res.generator_gpus,
                 max_restarts=-1, max_task_retries=0,
                 scheduling_strategy=scheduling_strategy(plan, pg, "generator", i),
-            ).remote(cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats, num_threads=res.generator_threads)
+            ).remote(
+                cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats,
+                num_threads=res.generator_threads, compile=cfg.rollout.compile,
+            )
             for i in range(res.generators)
         ]  # fmt: skip
         ray.get([h.ready.remote() for h in handles])  # type: ignore[attr-defined]

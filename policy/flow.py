@@ -178,6 +178,17 @@ def _with_uncond(
 
 
 @torch.no_grad()
+def drop_captions(captions: Sequence[str], p: float, seed: int) -> list[str]:
+    """The training side of classifier-free guidance: each caption becomes the empty prompt (the one
+    `sample` guides away from) with probability p, drawn from `seed` so a redone step drops the same ones."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption_dropout: expected a probability in [0, 1], got {p}")
+    if p == 0.0:
+        return list(captions)
+    drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(seed)) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+
+
 def sample(
     model: VelocityModel,
     *,

@@ -85,6 +85,9 @@ class FMConfig:
     """Flow matching for SFT and pretraining."""
 
     sigma: LogitNormal = field(default_factory=LogitNormal)
+    caption_dropout: float = field(default=0.0, metadata={"ge": 0.0, "le": 1.0})
+    """Share of captions replaced by the empty prompt, so the model also learns the unconditional
+    velocity that classifier-free guidance (`sampler.guidance_scale`) steers away from."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -74,7 +74,8 @@ def _check_rates(run: Path, steps: list[dict[str, object]]) -> None:
 @pytest.mark.parametrize(
     ("recipe", "mode", "extra"),
     [
-        ("tiny.yaml", "sol_rl", []),
+        # The generator samples through torch.compile (Inductor's C++ backend here) in one mode.
+        ("tiny.yaml", "sol_rl", ["rollout.compile=true"]),
         ("tiny.yaml", "grpo", ["run.mode=grpo", "loss.grpo.noise_level=0.7"]),
         ("tiny.yaml", "dpo", ["run.mode=dpo"]),
     ],
@@ -100,10 +101,13 @@ def test_dataset_mode_end_to_end(ray_cluster: object, tmp_path: Path, mode: str)
             "learner.batch_size=8",
             "learner.micro_batch_size=8",
             "learner.optim.warmup_steps=1",
+            "loss.fm.caption_dropout=0.5",
         ],
     )
     assert summary["steps"] == 2 and summary["weights_in_sync"] is None  # no generators in these modes
-    _check_artifacts(tmp_path / "run", rl=False)
+    rows = _check_artifacts(tmp_path / "run", rl=False)
+    dropped = [float(r["data/captions_dropped"]) for r in rows if "data/captions_dropped" in r]  # type: ignore[arg-type]
+    assert len(dropped) == 2 and 0 < sum(dropped) < 16  # 2 steps of 8 captions, each dropped with p 0.5
 
 
 def test_async_never_trains_on_rollouts_beyond_max_staleness(

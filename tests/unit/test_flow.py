@@ -8,7 +8,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from policy.flow import SamplerConfig, ode_step, sample, sde_log_prob, sde_step, seeded_noise, shifted_sigmas
+from policy.flow import (
+    SamplerConfig,
+    drop_captions,
+    ode_step,
+    sample,
+    sde_log_prob,
+    sde_step,
+    seeded_noise,
+    shifted_sigmas,
+)
 from policy.sana import SanaConfig, SanaDiT
 
 TINY = SanaConfig(in_channels=3, out_channels=3, hidden_size=64, depth=2, cross_heads=2, caption_channels=16,
@@ -200,3 +209,17 @@ def test_tiny_model_overfits_a_few_pairs_with_the_flow_matching_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] * 10 <= losses[0], losses[::10]
+
+
+def test_caption_dropout_is_seeded_and_keeps_the_rest() -> None:
+    captions = [f"caption {i}" for i in range(2000)]
+    dropped = drop_captions(captions, 0.1, seed=7)
+    assert dropped == drop_captions(captions, 0.1, seed=7)  # a redone step drops the same captions
+    assert dropped != drop_captions(captions, 0.1, seed=8)
+    empty = [i for i, c in enumerate(dropped) if c == ""]
+    assert 150 < len(empty) < 250  # Binomial(2000, 0.1): mean 200, sd 13
+    assert all(c == captions[i] for i, c in enumerate(dropped) if c)
+    assert drop_captions(captions, 0.0, seed=7) == captions
+    assert set(drop_captions(captions, 1.0, seed=7)) == {""}
+    with pytest.raises(ValueError, match="caption_dropout"):
+        drop_captions(captions, 1.5, seed=7)
