@@ -351,6 +351,7 @@ class Controller:
         assert self.roles is not None
         if self.step > 0:  # redone after a restore: the first try's "after" rows must not stay twice
             self.roles.rollout_log.drop_stage("eval", self.step)
+            self.roles.metrics.drop_prefix("eval/", self.step)
         after = self._evaluate("after")
         in_sync = self._weights_in_sync()
         self._checkpoint()
@@ -467,6 +468,7 @@ class Controller:
         self.roles.learners.load(str(ckpt / "learner"))
         self._load_state(json.loads((ckpt / "controller.json").read_text()))
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
+        self.roles.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
 

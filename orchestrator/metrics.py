@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +203,34 @@ class MetricsLogger:
             self._wandb.log(finite, step=step)
         if self._ray is not None:
             self._ray.record(finite, len(bad))
+
+    def drop_after(self, step: int) -> int:
+        """Remove the metrics.jsonl rows of steps after `step`: a restored or resumed run logs them again.
+        Returns how many went. wandb keeps the first try's points (it ignores steps it has passed)."""
+        return self._drop(lambda row: int(row.get("step", -1)) > step)
+
+    def drop_prefix(self, prefix: str, step: int) -> int:
+        """Remove the rows of `step` that hold only `prefix` keys (a final evaluation that runs again)."""
+        return self._drop(
+            lambda row: (
+                row.get("step") == step
+                and all(k.startswith(prefix) for k in row if k not in ("step", "non_finite"))
+            )
+        )
+
+    def _drop(self, doomed: Callable[[dict[str, Any]], bool]) -> int:
+        """Rewrite metrics.jsonl without the doomed rows, atomically (a crash leaves the old or new file)."""
+        if self._file is None:
+            return 0
+        self._file.close()
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if not doomed(json.loads(line))]
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        return len(lines) - len(keep)
 
     def log_image(self, name: str, path: Path, step: int | None = None) -> None:
         """A saved PNG (e.g. a sample grid) to wandb."""

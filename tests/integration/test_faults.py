@@ -434,6 +434,9 @@ def test_learner_rank_killed_outside_a_step_restores_and_finishes_as_without_the
     assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
     evaluated = eval_rows(baseline)[0]  # rows of one evaluation (the baseline trains 5 steps, this run 3)
     assert eval_rows(tmp_path) == {0: evaluated, 3: evaluated}, "a redone final evaluation logs once"
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = collections.Counter((r["step"], "eval" if f"eval/{REWARD}" in r else "step") for r in logged)
+    assert kinds == {(0, "eval"): 1, (1, "step"): 1, (2, "step"): 1, (3, "step"): 1, (3, "eval"): 1}
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,28 @@ def test_jsonl_has_one_object_per_step_and_flags_non_finite_values(tmp_path: Pat
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000  # drawn at close
 
 
+def test_a_rewind_leaves_each_step_once_in_the_jsonl(tmp_path: Path) -> None:
+    logger = MetricsLogger(QUIET, tmp_path, run_name="t")
+    for step in (1, 2, 3):
+        logger.log(step, {"learner/loss": float(step)})
+    logger.log(3, {"eval/composition": 0.5})  # the final evaluation, first try
+    assert logger.drop_after(1) == 3  # restored to the checkpoint of step 1
+    for step in (2, 3):
+        logger.log(step, {"learner/loss": 10.0 + step})
+    logger.log(3, {"eval/composition": 0.6})
+    assert logger.drop_prefix("eval/", 3) == 1  # the final phase runs once more
+    logger.log(3, {"eval/composition": 0.7})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"step": 1, "learner/loss": 1.0},
+        {"step": 2, "learner/loss": 12.0},
+        {"step": 3, "learner/loss": 13.0},
+        {"step": 3, "eval/composition": 0.7},
+    ]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_redact_removes_secrets_and_keeps_paths_and_ordinary_values() -> None:
     pem = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----"
     cfg: dict[str, Any] = {
