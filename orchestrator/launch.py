@@ -47,6 +47,7 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
     """Run `cfg` (and, first, the recipe it starts from when that has not finished). Returns 0."""
     from orchestrator.placement import describe, plan_for
 
+    base_retrained = False
     if cfg.run.init_recipe:
         base = load_recipe(recipe.parent / cfg.run.init_recipe)
         if dry_run:
@@ -60,6 +61,7 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
                       f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); moved it to {aside}")  # fmt: skip
             print(f"== stage 1: {base.run.name} ({base.run.mode}) from {cfg.run.init_recipe}")
             launch(base, recipe=recipe.parent / cfg.run.init_recipe, resume=resume)
+            base_retrained = True
         if cfg.run.init_from is None:
             cfg.run.init_from = str(base.output_dir)
     if cfg.run.init_from and not dry_run:
@@ -86,12 +88,16 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         except ConfigError as exc:
             raise BadInput(str(exc)) from None
         run_dir = cfg.output_dir
+        if why := _outdated(cfg, base_retrained):  # a result: kept aside, and this run made afresh
+            print(f"== {cfg.run.name}: {why}; moved {run_dir} to {_set_aside(run_dir)}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
         from orchestrator.controller import Controller, latest_checkpoint
 
         if resume is None:  # default: continue when there is a complete checkpoint
             resume = latest_checkpoint(run_dir) is not None
+        if resume:
+            check_resumable(cfg)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
         print(f"== {cfg.run.name}: {cfg.run.mode}, {cfg.run.steps} steps -> {run_dir}")
         summary = Controller(cfg, run_dir).run(resume=resume)
         print_summary(cfg, summary, run_dir)
@@ -109,8 +115,38 @@ def init_weights(path: Path) -> Path:
     raise BadInput(f"run.init_from: {path} holds neither export/config.json nor config.json")
 
 
+def _outdated(cfg: RunConfig, base_retrained: bool) -> str:
+    """Why the run directory holds a result this launch must not continue, or ''. A finished run made from
+    another version of the recipe, or any run started from a stage that has just been trained again."""
+    if base_retrained and (cfg.output_dir / "config.yaml").exists():
+        return f"it started from the earlier {cfg.run.init_recipe}, trained again just now"
+    if _finished(cfg) and (changed := changed_settings(cfg)):
+        return f"the recipe changed since it finished ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
+    return ""
+
+
 def _finished(cfg: RunConfig) -> bool:
     return (cfg.output_dir / "summary.json").exists()
+
+
+RESUMABLE_EDITS = (
+    "run.steps", "run.eval_every", "run.checkpoint_every", "run.max_restores", "run.on_learner_failure",
+    "run.max_skip_rate", "learner.optim.decay_steps", "resources.", "eval.",
+)  # fmt: skip
+"""Keys a resumed run may change: how long it runs (a schedule that follows run.steps stretches with it),
+how it is checked, evaluated and placed. Anything else would silently train a different run on."""
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """Refuse to resume a run directory whose saved recipe differs from `cfg` beyond RESUMABLE_EDITS."""
+    changed = [k for k in changed_settings(cfg) if not k.startswith(RESUMABLE_EDITS)]
+    if changed:
+        shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        raise BadInput(
+            f"run.output_dir: {cfg.output_dir} holds a run made with other settings ({shown}); resuming would "
+            "train it on under the new ones. Restore those settings to resume it, or set another "
+            "run.output_dir to start afresh."
+        )
 
 
 def changed_settings(cfg: RunConfig) -> list[str]:

@@ -100,3 +100,39 @@ def test_a_finished_stage_made_from_another_recipe_version_is_detected_and_set_a
     cfg.output_dir.mkdir()
     assert _set_aside(cfg.output_dir) == tmp_path / "pre.stale-2"
     assert (tmp_path / "pre.stale-1" / "config.yaml").exists() and not cfg.output_dir.exists()
+
+
+def test_resuming_under_changed_settings_is_refused_naming_them(tmp_path: Path) -> None:
+    """A run may be resumed to run longer, or evaluated and placed differently, but not with another
+    learning rate or model: that would train a different run on from its checkpoint, silently."""
+    from orchestrator.config import dump_config
+    from orchestrator.launch import BadInput, check_resumable
+
+    recipe = RECIPES[0].parent / "tiny_pretrain.yaml"
+    out = f"run.output_dir={tmp_path / 'run'}"
+    cfg = load_recipe(recipe, [out])
+    cfg.output_dir.mkdir()
+    (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
+    check_resumable(cfg)
+    check_resumable(
+        load_recipe(recipe, [out, "run.steps=900", "eval.seeds_per_prompt=4", "cluster.num_cpus=2"])
+    )
+    with pytest.raises(
+        BadInput, match=r"run.output_dir: .* other settings \(learner.optim.lr, model.overrides"
+    ):
+        check_resumable(
+            load_recipe(recipe, [out, "learner.optim.lr=5e-4", "model.overrides={patch_size: 2}"])
+        )
+
+    # A finished run is a result: edited afterwards, it is set aside and made afresh (not refused), as is
+    # any run whose starting stage has just been trained again.
+    from orchestrator.launch import _outdated
+
+    assert _outdated(cfg, base_retrained=False) == ""
+    (cfg.output_dir / "summary.json").write_text("{}")
+    edited = load_recipe(recipe, [out, "learner.optim.lr=5e-4"])
+    assert (
+        _outdated(edited, base_retrained=False) == "the recipe changed since it finished (learner.optim.lr)"
+    )
+    assert _outdated(cfg, base_retrained=False) == ""
+    assert "trained again" in _outdated(cfg, base_retrained=True)
