@@ -17,12 +17,12 @@ from policy.flow import SamplerConfig
 from policy.sana import ModelConfig, build_policy
 
 MODEL = ModelConfig(preset="tiny", overrides={"depth": 2, "patch_size": 2})
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-    ),
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CASES = [
+    ("cpu", "nvfp4"),
+    # On a GPU each format runs its own kernel under the compiler: FP8 `_scaled_mm`, the Triton W4A16 GEMM
+    # (NVFP4 on sm_90 and W4A16), or FP4 `_scaled_mm` on Blackwell.
+    *(pytest.param("cuda", fmt, marks=_GPU) for fmt in ("fp8", "nvfp4", "w4a16")),
 ]
 
 
@@ -73,11 +73,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_rollouts_match_eager_and_follow_every_sync(device: str) -> None:
+@pytest.mark.parametrize(("device", "fmt"), CASES)
+def test_compiled_rollouts_match_eager_and_follow_every_sync(device: str, fmt: Format) -> None:
     from torch._dynamo.utils import counters
 
-    fmt: Format = "fp8" if device == "cuda" else "nvfp4"
     # Fused kernels round differently: BF16 on the GPU, and a flipped 4- or 8-bit activation rounding.
     tols = {"bf16": 2e-2 if device == "cuda" else 1e-4, fmt: 2e-2}
     eager, compiled = _engine(fmt, device, compile=False), _engine(fmt, device, compile=True)
