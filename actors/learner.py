@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 
 from actors.base import RankActor
-from actors.records import TrainBatch, WeightSnapshot
+from actors.records import Published, TrainBatch, WeightSnapshot, pack, state_nbytes
 from policy import losses as L
 from policy.lora import LoRAConfig
 from policy.parallelize import DType, OptimConfig, lr_at
@@ -208,6 +208,29 @@ class Learner(RankActor):
         """
         state = self._full_state("old" if "old" in self.slots else None)
         return None if state is None else WeightSnapshot(policy_version=self.version, state=state)
+
+    def publish_for_rollout(self) -> Published | None:
+        """Collective: `state_for_rollout` put into Ray's object store by rank 0 itself (None on other ranks).
+        Only the ref travels to the controller and on to the generators: at 1.6B that is 3.2 GB that no
+        longer passes through the driver twice per sync."""
+        import ray
+
+        snapshot = self.state_for_rollout()
+        if snapshot is None:
+            return None
+        t0 = time.perf_counter()
+        ref = ray.put(pack(snapshot))
+        nbytes = state_nbytes(snapshot.state)
+        return Published(
+            version=snapshot.policy_version, ref=ref, nbytes=nbytes, put_s=time.perf_counter() - t0
+        )
+
+    def rollout_digest(self) -> tuple[int, str] | None:
+        """Collective: (version, sha256 of the rollout weights) on rank 0, to prove a sync landed."""
+        from actors.generator import state_digest
+
+        snapshot = self.state_for_rollout()
+        return None if snapshot is None else (snapshot.policy_version, state_digest(snapshot.state))
 
     def save(self, path: str) -> str:
         """Collective: sharded checkpoint of model, optimizer, slots, counters and RNG at `path`, atomically."""
@@ -511,6 +534,15 @@ class LearnerGroup:
         snapshot = self._call("state_for_rollout")[0]
         assert isinstance(snapshot, WeightSnapshot)
         return snapshot
+
+    def publish_for_rollout(self) -> Published:
+        published = self._call("publish_for_rollout")[0]
+        assert isinstance(published, Published)
+        return published
+
+    def rollout_digest(self) -> tuple[int, str]:
+        version, digest = self._call("rollout_digest")[0]
+        return int(version), str(digest)
 
     def save(self, path: str) -> str:
         return str(self._call("save", str(path))[0])

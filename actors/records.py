@@ -6,6 +6,7 @@ uses it to bound staleness (DESIGN.md section 1). Tensors are CPU tensors when t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,3 +167,50 @@ class WeightSnapshot:
 
     policy_version: int
     state: dict[str, torch.Tensor]  # name -> CPU tensor, SanaDiT state-dict names
+
+
+@dataclass(kw_only=True, slots=True)
+class Published:
+    """One snapshot in the object store: the ref every generator loads. Put by learner rank 0
+    (`Learner.publish_for_rollout`, so the weights never pass through the driver) or by `WeightSync.publish`."""
+
+    version: int
+    ref: Any
+    """ray.ObjectRef of a packed WeightSnapshot."""
+    nbytes: int
+    put_s: float
+
+
+class _PackedState(dict[str, torch.Tensor]):
+    """A state dict that pickles each tensor as a flat uint8 numpy array, which Ray stores out of band and
+    maps zero-copy on the reader's side (~2-10 GB/s against ~0.3 GB/s for pickled tensors, bench/sync.py).
+    The reader's tensors are read-only views of shared memory: load them (`load_state_dict` copies)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        names = list(self)
+        metas = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in self.values()]
+        arrays = [t.reshape(-1).view(torch.uint8).numpy() for t in self.values()]
+        return (_unpack_state, (names, metas, arrays))
+
+
+def _unpack_state(
+    names: list[str], metas: list[tuple[str, tuple[int, ...]]], arrays: list[np.ndarray]
+) -> dict:
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": read-only by design
+        for name, (dtype, shape), arr in zip(names, metas, arrays, strict=True):
+            out[name] = torch.from_numpy(arr).view(getattr(torch, dtype)).reshape(shape)
+    return out
+
+
+def pack(snapshot: WeightSnapshot) -> WeightSnapshot:
+    """The same snapshot with CPU, contiguous tensors in a state dict that travels as raw buffers."""
+    state = _PackedState()
+    for name, t in snapshot.state.items():
+        state[name] = t.detach().to("cpu").contiguous()
+    return WeightSnapshot(policy_version=snapshot.policy_version, state=state)
+
+
+def state_nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -360,9 +360,9 @@ class Controller:
 
     def _sync(self, rewind: bool = False) -> None:
         assert self.roles is not None
-        snapshot = self.roles.learners.state_for_rollout()
-        self.version = snapshot.policy_version
-        self.roles.publish(snapshot, rewind=rewind)
+        published = self.roles.learners.publish_for_rollout()
+        self.version = published.version
+        self.roles.publish(published, rewind=rewind)
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         assert self.roles is not None
@@ -391,13 +391,10 @@ class Controller:
         """Every generator holds exactly the learner's rollout weights at the current version."""
         import ray
 
-        from actors.generator import state_digest
-
         assert self.roles is not None
         if self.roles.pool is None:
             return None
-        snap = self.roles.learners.state_for_rollout()
-        want = (snap.policy_version, state_digest(snap.state))
+        want = self.roles.learners.rollout_digest()  # hashed on rank 0: the weights stay there
         got = ray.get([h.digest.remote() for h in self.roles.pool.handles])
         return all(tuple(g) == want for g in got)
 

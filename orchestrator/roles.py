@@ -16,7 +16,7 @@ import numpy as np
 
 from actors.generator import GenerateRequest, RolloutEngine, RolloutGeneratorActor
 from actors.learner import LearnerGroup
-from actors.records import Rewards, Rollouts, WeightSnapshot
+from actors.records import Published, Rewards, Rollouts
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.rollout import GeneratorPool
 from orchestrator.weight_sync import WeightSync
@@ -129,14 +129,17 @@ class Roles:
     reward_hosts: list[Any] = field(default_factory=list)
     sync: WeightSync = field(default_factory=WeightSync)
 
-    def publish(self, snapshot: WeightSnapshot, *, rewind: bool = False) -> None:
-        """Versioned weight sync: one object-store copy (raw buffers, read without copies), loaded and
-        re-quantized by every generator. `rewind` allows an older version (after a restore)."""
+    def publish(self, published: Published, *, rewind: bool = False) -> None:
+        """Versioned weight sync: the object-store copy learner rank 0 put (raw buffers, read without
+        copies), loaded and re-quantized by every generator. `rewind` allows an older version (after a
+        restore). The in-process engine of dataset modes reads the same copy."""
+        import ray
+
+        self.sync.adopt(published, rewind=rewind)
         if self.pool is not None:
-            published = self.sync.publish(snapshot, rewind=rewind)
             self.pool.load(published.ref, published.version)
         if self.local_engine is not None:
-            self.local_engine.load_weights(snapshot)
+            self.local_engine.load_weights(ray.get(published.ref))
 
     def sample_eval(self, prompts: list[str], seeds: list[int], groups: list[int], *, steps: int) -> Rollouts:
         """Deterministic ODE samples from the full-precision policy (fixed prompts and seeds)."""

@@ -1,14 +1,15 @@
 """Versioned weight sync from the learner to the generators: Ray's object store, or a collective broadcast.
 
 Object store (CPU, any cluster): the snapshot is `ray.put` once and the same ObjectRef goes to every
-generator's `load_weights`. Ray pickles torch tensors by copying their storage (~0.3 GB/s here); `pack`
-wraps the state dict so that each tensor travels as a raw uint8 numpy buffer instead, which Ray stores
-out of band and maps zero-copy on the reader's side (~2-10 GB/s, bench/sync.py). The receiver's tensors
-are read-only views of shared memory: load them (`load_state_dict` copies), never modify them in place.
+generator's `load_weights`. In a run, learner rank 0 puts it itself (`Learner.publish_for_rollout`) and
+the controller only passes the ref on (`adopt`): the weights never travel through the driver. Ray
+pickles torch tensors by copying their storage (~0.3 GB/s here); `pack` (actors/records.py) makes each
+tensor travel as a raw uint8 buffer instead, mapped zero-copy by the reader (~2-10 GB/s, bench/sync.py).
 
     sync = WeightSync()
-    published = sync.publish(learner.state_for_rollout())        # one ray.put, version checked
+    published = sync.adopt(learners.publish_for_rollout())      # a ref put by rank 0, version checked
     stats = sync.deliver(generator_handles, published)           # every generator answers its version
+    sync.publish(snapshot)                                       # or put a snapshot from this process
 
 Collective (GPU: NCCL; CPU: gloo, which the tests use): learner rank 0 and the generators form their own
 process group, separate from the learner's FSDP group, and rank 0 broadcasts header, names and
@@ -31,7 +32,6 @@ import datetime
 import json
 import socket
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from actors.records import WeightSnapshot
+from actors.records import Published, WeightSnapshot, pack, state_nbytes
 
 Backend = Literal["object_store", "nccl", "gloo"]
 BUCKET_BYTES = 256 * 2**20
@@ -47,17 +47,6 @@ BUCKET_BYTES = 256 * 2**20
 
 class WeightSyncError(RuntimeError):
     """A sync that could not guarantee every generator holds the published version."""
-
-
-@dataclass(kw_only=True, slots=True)
-class Published:
-    """One snapshot in the object store: the ref every generator loads."""
-
-    version: int
-    ref: Any
-    """ray.ObjectRef of a packed WeightSnapshot."""
-    nbytes: int
-    put_s: float
 
 
 @dataclass(kw_only=True, slots=True)
@@ -70,40 +59,6 @@ class SyncStats:
     @property
     def bytes_per_s(self) -> float:
         return self.nbytes / max(self.seconds, 1e-9)
-
-
-# ---------------------------------------------------------------------------------------------- packing
-class _PackedState(dict[str, torch.Tensor]):
-    """A state dict that pickles each tensor as a flat uint8 numpy array (zero-copy in Ray's store)."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        names = list(self)
-        metas = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in self.values()]
-        arrays = [t.reshape(-1).view(torch.uint8).numpy() for t in self.values()]
-        return (_unpack_state, (names, metas, arrays))
-
-
-def _unpack_state(
-    names: list[str], metas: list[tuple[str, tuple[int, ...]]], arrays: list[np.ndarray]
-) -> dict:
-    out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": read-only by design, see above
-        for name, (dtype, shape), arr in zip(names, metas, arrays, strict=True):
-            out[name] = torch.from_numpy(arr).view(getattr(torch, dtype)).reshape(shape)
-    return out
-
-
-def pack(snapshot: WeightSnapshot) -> WeightSnapshot:
-    """The same snapshot with CPU, contiguous tensors in a state dict that travels as raw buffers."""
-    state = _PackedState()
-    for name, t in snapshot.state.items():
-        state[name] = t.detach().to("cpu").contiguous()
-    return WeightSnapshot(policy_version=snapshot.policy_version, state=state)
-
-
-def state_nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 # ------------------------------------------------------------------------------------------ collective
@@ -297,6 +252,13 @@ class WeightSync:
             raise WeightSyncError(
                 f"policy version went back from {self.last_version} to {version} (pass rewind=True after a restore)"
             )
+
+    def adopt(self, published: Published, *, rewind: bool = False) -> Published:
+        """Take a snapshot another process put (learner rank 0's `publish_for_rollout`), version checked;
+        the previous one is released."""
+        self._check_version(published.version, rewind)
+        self.published, self.last_version = published, published.version
+        return published
 
     def publish(self, snapshot: WeightSnapshot, *, rewind: bool = False) -> Published:
         """Put the (packed) snapshot into the object store once; the previous one is released."""

@@ -120,6 +120,27 @@ def test_two_ranks_match_one_rank_and_resume_exactly(
     _assert_states_close(g1.state_for_rollout().state, after3, atol=1e-5)
 
 
+def test_rank0_publishes_its_rollout_weights_into_the_object_store_itself(
+    groups: tuple[LearnerGroup, LearnerGroup],
+) -> None:
+    """The controller receives a ref, not the weights (at 1.6B, 3.2 GB it no longer relays per sync)."""
+    import pickle
+
+    import ray
+
+    from actors.generator import state_digest
+
+    g2, _ = groups
+    published = g2.publish_for_rollout()
+    snap = g2.state_for_rollout()
+    assert len(pickle.dumps(published)) < 4096  # the ref and three numbers travel, no tensor
+    assert published.version == snap.policy_version
+    got = ray.get(published.ref)
+    _assert_states_close(got.state, snap.state, atol=0.0)
+    assert published.nbytes == sum(t.numel() * t.element_size() for t in snap.state.values())
+    assert g2.rollout_digest() == (snap.policy_version, state_digest(snap.state))
+
+
 def test_nonfinite_step_is_skipped_and_counted(groups: tuple[LearnerGroup, LearnerGroup]) -> None:
     g2, _ = groups
     before_version = g2.counters()["version"]
