@@ -75,10 +75,10 @@ def test_short_demo_writes_every_artefact(
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 5.5 minutes on 2 quiet cores
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-2 on this machine colour
-    accuracy rose by 0.15-0.17 and the composition score by 0.008-0.038 (its standard error is about
-    0.015): the colour bar (DEMO_MIN_COLOUR_GAIN) has a wide margin; composition must not fall
-    (DEMO_MIN_GAIN) on another CPU's floating-point path."""
+    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-2 on this machine the
+    composition score rose by 0.048 / 0.031 / 0.036 (its standard error is about 0.015) and colour
+    accuracy by 0.079 / 0.099 / 0.114. The bars (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN) leave a margin for
+    another CPU's floating-point path."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
@@ -87,5 +87,5 @@ def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.Monkey
     before, after = summary["before"], summary["after"]
     gain = after["composition"] - before["composition"]
     colour_gain = after["composition/colour"] - before["composition/colour"]
-    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.08")), (before, after)
-    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.0")), (before, after)
+    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.04")), (before, after)
+    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.02")), (before, after)
