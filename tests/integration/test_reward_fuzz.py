@@ -124,9 +124,11 @@ def test_fuzzed_messages_get_a_status_and_the_server_stays_up_and_flat() -> None
             async with grpc.aio.insecure_channel(
                 running.address, options=[("grpc.max_send_message_length", 64 << 20)]
             ) as channel:
-                warm = await round_(channel, 0, 300)  # allocator and gRPC pools reach their steady size
+                # Allocator and gRPC pools reach their steady size: measured here, RSS grew 20 MB over the
+                # 1200 messages after a 300-message warm-up, then -4 to +12 MB per further 1200 (no trend).
+                warm = await round_(channel, 0, 1500)
                 rss0 = _rss_mb()
-                codes = await round_(channel, 300, 1200)
+                codes = await round_(channel, 1500, 1200)
                 rss1 = _rss_mb()
                 # every message was answered: a status the protocol promises, never INTERNAL or UNKNOWN
                 allowed = {Code.INVALID_ARGUMENT, Code.OK, Code.CANCELLED}
