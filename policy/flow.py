@@ -177,7 +177,6 @@ def _with_uncond(
     return torch.cat(texts).to(text.device), torch.cat(masks).to(text.device)
 
 
-@torch.no_grad()
 def drop_captions(captions: Sequence[str], p: float, seed: int) -> list[str]:
     """The training side of classifier-free guidance: each caption becomes the empty prompt (the one
     `sample` guides away from) with probability p, drawn from `seed` so a redone step drops the same ones."""
@@ -189,6 +188,7 @@ def drop_captions(captions: Sequence[str], p: float, seed: int) -> list[str]:
     return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
 
 
+@torch.no_grad()
 def sample(
     model: VelocityModel,
     *,

@@ -126,6 +126,19 @@ def test_ode_sampling_is_the_euler_loop() -> None:
     assert not out.sde_mask.any()
 
 
+def test_sampling_builds_no_autograd_graph() -> None:
+    """Rollouts of a trainable policy must not keep every step's activations alive for a backward."""
+    model = _tiny_model()
+    assert all(p.requires_grad for p in model.parameters())
+    text, mask = _text(2)
+    cfg = SamplerConfig(steps=2, noise_level=0.7)
+    out = sample(
+        model, seeds=[0, 1], text=text, text_mask=mask, cfg=cfg, latent_shape=LATENT, return_trajectory=True
+    )
+    assert out.log_probs is not None
+    assert not out.x0.requires_grad and not out.log_probs.requires_grad
+
+
 def test_a_seed_gives_the_same_sample_alone_or_in_a_batch() -> None:
     model = _tiny_model()
     seeds = [3, 17, 11, 5, 2]
