@@ -52,13 +52,9 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         base = load_recipe(recipe.parent / cfg.run.init_recipe)
         if dry_run:
             print(f"# first: {cfg.run.init_recipe} (skipped when it has finished)")
-        elif _finished(base) and not (changed := changed_settings(base)):
+        elif _finished(base) and not changed_settings(base):
             print(f"== {base.run.name}: finished earlier, reusing {base.output_dir}")
-        else:
-            if _finished(base):  # made from another version of the recipe: keep it, train afresh
-                aside = _set_aside(base.output_dir)
-                print(f"== {base.run.name}: {cfg.run.init_recipe} changed since {base.output_dir} was made "
-                      f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); moved it to {aside}")  # fmt: skip
+        else:  # a finished stage made from another version of its recipe is set aside by this launch
             print(f"== stage 1: {base.run.name} ({base.run.mode}) from {cfg.run.init_recipe}")
             launch(base, recipe=recipe.parent / cfg.run.init_recipe, resume=resume)
             base_retrained = True
@@ -139,6 +135,8 @@ how it is checked, evaluated and placed. Anything else would silently train a di
 
 def check_resumable(cfg: RunConfig) -> None:
     """Refuse to resume a run directory whose saved recipe differs from `cfg` beyond RESUMABLE_EDITS."""
+    if not (cfg.output_dir / "config.yaml").exists():  # nothing saved to differ from
+        return
     changed = [k for k in changed_settings(cfg) if not k.startswith(RESUMABLE_EDITS)]
     if changed:
         shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")

@@ -111,6 +111,7 @@ def test_resuming_under_changed_settings_is_refused_naming_them(tmp_path: Path) 
     recipe = RECIPES[0].parent / "tiny_pretrain.yaml"
     out = f"run.output_dir={tmp_path / 'run'}"
     cfg = load_recipe(recipe, [out])
+    check_resumable(cfg)  # no run there yet: nothing to differ from
     cfg.output_dir.mkdir()
     (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
     check_resumable(cfg)

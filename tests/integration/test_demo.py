@@ -71,6 +71,17 @@ def test_short_demo_writes_every_artefact(
     assert launch(cfg, recipe=recipe2) == 0
     assert "tiny-pretrain: finished earlier, reusing" in capsys.readouterr().out
 
+    # After an edit of the pretraining recipe, the next `make demo` keeps both old results aside and
+    # makes both stages afresh: the RL run came from the old pretraining.
+    pre_recipe = tmp_path / "tiny_pretrain.yaml"
+    pre_recipe.write_text(pre_recipe.read_text().replace("lr: 0.001", "lr: 0.002"))
+    assert launch(load_recipe(recipe), recipe=recipe) == 0
+    out = capsys.readouterr().out
+    assert "tiny-pretrain: the recipe changed since it finished (learner.optim.lr)" in out
+    assert "tiny: it started from the earlier tiny_pretrain.yaml, trained again just now" in out
+    assert (tmp_path / "runs" / "tiny-pretrain.stale-1" / "summary.json").exists()
+    assert (tmp_path / "runs" / "tiny.stale-1" / "summary.json").exists() and (run / "summary.json").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 5.5 minutes on 2 quiet cores
