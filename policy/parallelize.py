@@ -30,6 +30,15 @@ def clean_name(name: str) -> str:
     return name
 
 
+def needs_fsdp(model: nn.Module, world_size: int, param_dtype: DType) -> bool:
+    """Whether `fully_shard` has work to do: sharding over several ranks, or casting the float32 masters
+    to a lower compute dtype. One rank computing in its masters' dtype skips it (as torchtitan does without
+    a data-parallel shard dim): FSDP2 would only copy every parameter into its unsharded buffer before each
+    forward and backward, measured at 22% of the tiny pretraining step on 2 CPU cores."""
+    dtype = getattr(torch, param_dtype)
+    return world_size > 1 or any(p.dtype != dtype for p in model.parameters() if p.is_floating_point())
+
+
 def parallelize(
     model: nn.Module,
     mesh: torch.distributed.device_mesh.DeviceMesh,
@@ -39,7 +48,8 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> nn.Module:
-    """Shard `model` (anything with a `blocks` ModuleList) over `mesh` in place; returns it.
+    """Shard `model` (anything with a `blocks` ModuleList) over `mesh` in place; returns it. On one rank
+    with nothing to cast (`needs_fsdp`) only activation checkpointing and compile are applied.
 
     Every FSDP unit reshards after forward, the root included. The learner swaps the old and reference
     policies' values into the shards between forwards, which is only correct when no unit keeps an
@@ -50,6 +60,7 @@ def parallelize(
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"parallelize: {type(model).__name__} has no `blocks` ModuleList to shard")
+    wrap = needs_fsdp(model, mesh.size(), param_dtype)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -59,6 +70,8 @@ def parallelize(
     if compile:
         for block in blocks:
             block.compile(fullgraph=True)
+    if not wrap:
+        return model
     mp = MixedPrecisionPolicy(
         param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype)
     )

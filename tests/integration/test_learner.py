@@ -119,6 +119,15 @@ def test_two_ranks_match_one_rank_and_resume_exactly(
     g1.optim_step()
     _assert_states_close(g1.state_for_rollout().state, after3, atol=1e-5)
 
+    # and back: the single rank trains unsharded (nothing to shard or cast), yet its checkpoint loads
+    # into the 2 FSDP2 ranks and both continue alike
+    g1.save(str(tmp_path / "one-rank"))
+    assert g2.load(str(tmp_path / "one-rank")) == 3
+    fourth = _batch("nft", seed=13)
+    assert g2.forward_backward(fourth)["loss"] == pytest.approx(g1.forward_backward(fourth)["loss"], rel=1e-5)
+    g2.optim_step(), g1.optim_step()
+    _assert_states_close(g2.state_for_rollout().state, g1.state_for_rollout().state, atol=1e-5)
+
 
 def test_rank0_publishes_its_rollout_weights_into_the_object_store_itself(
     groups: tuple[LearnerGroup, LearnerGroup],
