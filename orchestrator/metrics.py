@@ -305,6 +305,18 @@ def plot_curves(jsonl: Path, out_png: Path, keys: list[str]) -> Path | None:
     return out_png
 
 
+def _wrap(caption: str, font: Any, draw: Any, width: int) -> list[str]:
+    """Words of `caption` in lines no wider than `width` pixels (a longer single word keeps its line)."""
+    lines = [""]
+    for word in caption.split():
+        trial = f"{lines[-1]} {word}".strip()
+        if draw.textlength(trial, font=font) > width and lines[-1]:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    return lines
+
+
 def save_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 8, scale: int = 3) -> Path:
     """A PNG grid of uint8 [N, H, W, 3] images, upscaled, each with its prompt written under it."""
     from PIL import Image, ImageDraw, ImageFont
@@ -316,21 +328,20 @@ def save_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 8
     n, h, w, _ = images.shape
     cols = max(1, min(cols, n))
     rows = max(1, math.ceil(n / cols))
-    cell_w, cell_h, text_h = w * scale, h * scale, 30
+    cell_w, cell_h = w * scale, h * scale
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(c, font, measure, cell_w - 4) for c in captions]
+    # The band fits the longest caption: at 96 px "two green circles and a green triangle" takes 3 lines.
+    text_h = max(30, 11 * max(len(lines) for lines in wrapped) + 8)
     grid = Image.new("RGB", (cols * cell_w, rows * (cell_h + text_h)), "white")
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for i in range(n):
         x, y = (i % cols) * cell_w, (i // cols) * (cell_h + text_h)
         grid.paste(Image.fromarray(images[i]).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
-        lines = [""]
-        for word in captions[i].split():  # wrap to the cell width, two lines at most
-            trial = f"{lines[-1]} {word}".strip()
-            if draw.textlength(trial, font=font) > cell_w - 4 and lines[-1]:
-                lines.append(word)
-            else:
-                lines[-1] = trial
-        draw.multiline_text((x + 2, y + cell_h + 1), "\n".join(lines[:2]), fill="black", font=font, spacing=1)
+        draw.multiline_text(
+            (x + 2, y + cell_h + 1), "\n".join(wrapped[i]), fill="black", font=font, spacing=1
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path

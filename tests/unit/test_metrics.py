@@ -120,6 +120,13 @@ def test_save_grid_writes_each_prompt_under_its_image(tmp_path: Path) -> None:
     text_rows = grid[48 : 48 + 30]
     assert (text_rows[:, :48] < 100).any() and (text_rows[:, 48:] < 100).any()  # captions drawn
     assert not (grid[78 + 48 : 78 + 78, :48] < 100).any()  # empty caption: nothing
+    # a caption longer than two lines at the demo's 96 px cells keeps its last words: the band grows
+    long = "two green circles and a green triangle"
+    out = save_grid(np.full((1, 32, 32, 3), 200, np.uint8), [long], tmp_path / "long.png")
+    with Image.open(out) as im:
+        tall = np.asarray(im.convert("RGB"))
+    assert tall.shape[0] > 96 + 30
+    assert (tall[96 + 24 :] < 100).any()  # ink on the third line
     with pytest.raises(ValueError, match=r"^captions: 1 for 3 images"):
         save_grid(images, ["x"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"^images: expected uint8"):
