@@ -125,7 +125,8 @@ def test_two_ranks_match_one_rank_and_resume_exactly(
     assert g2.load(str(tmp_path / "one-rank")) == 3
     fourth = _batch("nft", seed=13)
     assert g2.forward_backward(fourth)["loss"] == pytest.approx(g1.forward_backward(fourth)["loss"], rel=1e-5)
-    g2.optim_step(), g1.optim_step()
+    g2.optim_step()
+    g1.optim_step()
     _assert_states_close(g2.state_for_rollout().state, g1.state_for_rollout().state, atol=1e-5)
 
 
