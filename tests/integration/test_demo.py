@@ -86,11 +86,12 @@ def test_short_demo_writes_every_artefact(
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 8.5 minutes on 2 quiet cores
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-2 on this machine,
-    from the same pretraining, the composition score rose by 0.035 / 0.010 / 0.018 (its standard error is
-    about 0.015), colour accuracy by 0.083 / 0.073 / 0.055 and shape accuracy by 0.128 / 0.081 / 0.059. The bars
-    (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN, DEMO_MIN_SHAPE_GAIN) sit under the smallest of the three, since
-    another CPU's floating-point path behaves like another seed."""
+    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-4 on this machine,
+    from the same pretraining, the composition score rose by 0.047 / 0.044 / 0.059 / 0.034 / 0.030 (its
+    standard error is about 0.015), colour accuracy by 0.132 / 0.147 / 0.112 / 0.092 / 0.127 and shape
+    accuracy by 0.165 / 0.164 / 0.182 / 0.134 / 0.172. The bars (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN,
+    DEMO_MIN_SHAPE_GAIN) sit well under the smallest of the five, since another CPU's floating-point path
+    behaves like another seed."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
@@ -100,6 +101,6 @@ def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.Monkey
     gain = after["composition"] - before["composition"]
     colour_gain = after["composition/colour"] - before["composition/colour"]
     shape_gain = after["composition/shape"] - before["composition/shape"]
-    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.04")), (before, after)
-    assert shape_gain >= float(os.environ.get("DEMO_MIN_SHAPE_GAIN", "0.03")), (before, after)
-    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.005")), (before, after)
+    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.06")), (before, after)
+    assert shape_gain >= float(os.environ.get("DEMO_MIN_SHAPE_GAIN", "0.08")), (before, after)
+    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.015")), (before, after)
