@@ -2,6 +2,7 @@
 
     sana-rl check-recipe recipes/*.yaml
     sana-rl run recipes/tiny.yaml [--set learner.optim.lr=1e-4] [--dry-run] [--resume | --no-resume]
+    sana-rl eval runs/tiny [--seeds-per-prompt 32] [--num-prompts N] [--seed S] [--steps N] [--out DIR]
     sana-rl submit recipes/sol_rl.yaml --address http://127.0.0.1:8265
     sana-rl serve-reward --scorer composition --port 50051
     sana-rl bench [SUITE ...] [--quick] [--out results.json]
@@ -37,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_true", default=None)
     g.add_argument("--no-resume", dest="resume", action="store_false")
+
+    e = sub.add_parser(
+        "eval", help="evaluate a finished run's starting and final weights again, on more prompts and seeds"
+    )
+    e.add_argument("run_dir")
+    e.add_argument("--num-prompts", type=int, default=None, help="default: the run's eval.num_prompts")
+    e.add_argument(
+        "--seeds-per-prompt", type=int, default=None, help="default: the run's eval.seeds_per_prompt"
+    )
+    e.add_argument(
+        "--seed", type=int, default=None, help="first evaluation seed (default: the run's eval.seed)"
+    )
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's eval.steps)")
+    e.add_argument("--out", default=None, help="default: RUN_DIR/eval-<prompts>x<seeds>-seed<seed>")
 
     s = sub.add_parser("submit", help="submit a recipe as a Ray job to a running cluster")
     s.add_argument("recipe")
@@ -95,6 +110,22 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from orchestrator.evaluate import EvalRequest, evaluate_run
+    from orchestrator.launch import BadInput
+    from orchestrator.schema import ConfigError
+
+    request = EvalRequest(
+        num_prompts=args.num_prompts, seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, steps=args.steps
+    )
+    try:
+        evaluate_run(Path(args.run_dir), request, Path(args.out) if args.out else None)
+    except (ConfigError, BadInput) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -158,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "check-recipe": lambda a: _check(a.recipes, a.overrides),
         "run": _run,
+        "eval": _eval,
         "submit": _submit,
         "serve-reward": _serve,
         "bench": _bench,

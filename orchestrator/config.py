@@ -136,10 +136,13 @@ class RunConfig:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
-def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
+def load_recipe(
+    path: str | os.PathLike[str], overrides: list[str] | None = None, base_dir: Path | None = None
+) -> RunConfig:
     """Read a recipe strictly; `overrides` are `dotted.key=yaml-value` strings applied first.
 
-    Relative data and weight paths in the recipe are resolved against the recipe's folder.
+    Relative data and weight paths in the recipe are resolved against `base_dir`, by default the recipe's
+    folder. (A run's saved config.yaml holds them already resolved, relative to where the run started.)
     """
     path = Path(path)
     try:
@@ -161,7 +164,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None
         cfg = from_dict(RunConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    cfg.data.resolve(path.parent)
+    cfg.data.resolve(path.parent if base_dir is None else base_dir)
     optim = cfg.learner.optim
     if optim.decay_steps == 0:  # the schedule spans the run unless the recipe says otherwise
         optim.decay_steps = cfg.run.steps

@@ -121,6 +121,17 @@ class Controller:
                 self._producer.stop()
             roles.shutdown()
 
+    def evaluate_once(self, tag: str, step: int) -> dict[str, float]:
+        """Only the evaluation of the weights the recipe starts from, logged as of `step` (`sana-rl eval`):
+        no training, no checkpoint, no export."""
+        self.step = step
+        self.roles = start_roles(self.cfg, self.run_dir)
+        try:
+            self._sync()
+            return self._evaluate(tag)
+        finally:
+            self.roles.shutdown()
+
     # ---------------------------------------------------------------- one step
     def _guarded_step(self) -> dict[str, float]:
         from actors.learner import LearnerFailed

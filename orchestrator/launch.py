@@ -73,7 +73,7 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         print(describe(plan))
         print(dump_config(cfg))
         return 0
-    _connect(cfg)
+    connect_cluster(cfg)
     try:
         import ray
 
@@ -99,7 +99,7 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         print_summary(cfg, summary, run_dir)
         return 0
     finally:
-        _disconnect(cfg)
+        disconnect_cluster(cfg)
 
 
 def init_weights(path: Path) -> Path:
@@ -184,7 +184,7 @@ def _set_aside(run_dir: Path) -> Path:
 _STARTED_HERE: list[bool] = []
 
 
-def _connect(cfg: RunConfig) -> None:
+def connect_cluster(cfg: RunConfig) -> None:
     import ray
 
     from orchestrator.cluster import connect
@@ -196,14 +196,19 @@ def _connect(cfg: RunConfig) -> None:
     _STARTED_HERE.append(True)
 
 
-def _disconnect(cfg: RunConfig) -> None:
+def disconnect_cluster(cfg: RunConfig) -> None:
     import ray
 
     if _STARTED_HERE and _STARTED_HERE.pop():
         ray.shutdown()
 
 
-def print_summary(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> None:
+def print_summary(
+    cfg: RunConfig,
+    summary: dict[str, Any],
+    run_dir: Path,
+    outputs: str = "samples/*.png, metrics.jsonl, reward_curve.png, config.yaml, checkpoints/",
+) -> None:
     """The table a run ends with: evaluation before and after, steps, wall time, outputs."""
     from rich.console import Console
     from rich.table import Table
@@ -220,6 +225,4 @@ def print_summary(cfg: RunConfig, summary: dict[str, Any], run_dir: Path) -> Non
     table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")
     console = Console()
     console.print(table)
-    console.print(
-        f"outputs: {run_dir}/ (samples/*.png, metrics.jsonl, reward_curve.png, config.yaml, checkpoints/)"
-    )
+    console.print(f"outputs: {run_dir}/ ({outputs})")

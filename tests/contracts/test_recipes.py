@@ -137,3 +137,18 @@ def test_resuming_under_changed_settings_is_refused_naming_them(tmp_path: Path) 
     )
     assert _outdated(cfg, base_retrained=False) == ""
     assert "trained again" in _outdated(cfg, base_retrained=True)
+
+
+def test_eval_refuses_what_is_not_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "holds no config.yaml" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((RECIPES[0].parent / "tiny.yaml").read_text())
+    assert main(["eval", str(run)]) == 2  # still training: no summary yet
+    assert "has not finished" in capsys.readouterr().err
+    (run / "summary.json").write_text('{"steps": 3}')
+    assert main(["eval", str(run), "--seeds-per-prompt", "0"]) == 2  # checked by the recipe's schema
+    assert "eval.seeds_per_prompt: must be >= 1" in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 2  # finished, but nothing was exported
+    assert "export/config.json" in capsys.readouterr().err

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from orchestrator.config import load_recipe
-from orchestrator.launch import launch
+from orchestrator.evaluate import EvalRequest, evaluate_run
+from orchestrator.launch import BadInput, launch
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -63,6 +64,23 @@ def test_short_demo_writes_every_artefact(
     assert rewards and all(math.isfinite(x) for x in rewards)
     evals = [r for r in rows if "eval/composition" in r]
     assert len(evals) == 3 and all(0.0 <= r["eval/composition"] <= 1.0 for r in evals)
+
+    # `sana-rl eval` with the run's own settings reproduces its before and after exactly (same weights,
+    # prompts, seeds, sampler and reward service), and pairs every sample with itself.
+    summary = json.loads((run / "summary.json").read_text())
+    result = evaluate_run(run, EvalRequest(), tmp_path / "eval")
+    gain = result["gains"]["composition"]
+    assert gain["samples"] == 4  # 4 prompts x 1 seed
+    assert gain["before"] == pytest.approx(summary["before"]["composition"], abs=1e-6)
+    assert gain["after"] == pytest.approx(summary["after"]["composition"], abs=1e-6)
+    assert result["before_weights"] == str(pre / "export") and math.isfinite(gain["stderr"])
+    for name in ("before.png", "after.png"):
+        assert (tmp_path / "eval" / "samples" / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["gains"]["composition"] == gain
+    more = evaluate_run(run, EvalRequest(seeds_per_prompt=2, seed=99), tmp_path / "eval2")
+    assert more["gains"]["composition"]["samples"] == 8
+    with pytest.raises(BadInput, match="not empty"):  # never mixes two evaluations' pairs
+        evaluate_run(run, EvalRequest(), tmp_path / "eval")
 
     # A second `make demo` reuses the finished pretraining.
     recipe2 = _shortened(tmp_path)
