@@ -1,8 +1,8 @@
 """`sana-rl eval RUN_DIR`: a finished run's starting and final weights, evaluated again on a larger set.
 
 A run evaluates itself on its recipe's `eval` section, sized to fit the run's time budget: the demo's 192
-samples put a standard error of about 0.02 on its composition score, and a recipe tuned by those numbers
-was tuned on those very seeds. This evaluates both ends of the run again, through the same actor graph
+samples put a standard error of about 0.015 on its composition score (about 0.018 on the gain), and a
+recipe tuned by those numbers was tuned on those very seeds. This evaluates both ends of the run again, through the same actor graph
 (generators, reward services over gRPC), on the prompts and seeds asked for here: the same ones for both,
 so each sample pairs with itself and the gain gets a paired standard error.
 
