@@ -58,7 +58,8 @@ def evaluate_run(run_dir: Path, request: EvalRequest, out: Path | None = None) -
     """Evaluate the weights `run_dir` started from ("before") and its export ("after"); write eval.json."""
     cfg = _run_config(run_dir, request)
     final = init_weights(run_dir)
-    start = cfg.model.pretrained  # None: the run started from its seed's random initialisation
+    start = cfg.model.pretrained  # None: the recipe's seeded initialisation, where the run began too
+    steps_trained = _steps_trained(run_dir)
     ev = cfg.eval
     out = out or run_dir / f"eval-{ev.num_prompts}x{ev.seeds_per_prompt}-seed{ev.seed}"
     if out.exists() and any(out.iterdir()):
@@ -67,7 +68,6 @@ def evaluate_run(run_dir: Path, request: EvalRequest, out: Path | None = None) -
     cfg.run.output_dir = str(out)
     cfg.logging.wandb = "disabled"  # an evaluation is not a run of its own
     cfg.logging.progress = False
-    steps_trained = _steps_trained(run_dir)
     t0 = time.perf_counter()
     connect_cluster(cfg)
     try:

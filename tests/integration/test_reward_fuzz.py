@@ -126,15 +126,20 @@ def test_fuzzed_messages_get_a_status_and_the_server_stays_up_and_flat() -> None
             ) as channel:
                 # Allocator and gRPC pools reach their steady size: measured here, RSS grew 20 MB over the
                 # 1200 messages after a 300-message warm-up, then -4 to +12 MB per further 1200 (no trend).
+                # Late in the full suite (an 850 MB process) one round once grew 27 MB, so a single round is
+                # no leak test: a leak grows the process in every round, noise does not.
                 warm = await round_(channel, 0, 1500)
-                rss0 = _rss_mb()
-                codes = await round_(channel, 1500, 1200)
-                rss1 = _rss_mb()
+                growth, codes = [], Counter[Code]()
+                for k in range(3):
+                    rss0 = _rss_mb()
+                    codes += await round_(channel, 1500 + 1200 * k, 1200)
+                    growth.append(_rss_mb() - rss0)
                 # every message was answered: a status the protocol promises, never INTERNAL or UNKNOWN
                 allowed = {Code.INVALID_ARGUMENT, Code.OK, Code.CANCELLED}
                 assert set(codes) | set(warm) <= allowed, codes
-                assert sum(codes.values()) == 1200 and codes[Code.INVALID_ARGUMENT] >= 900, codes
-                assert rss1 - rss0 < 25, f"RSS grew {rss1 - rss0:.1f} MB over 1200 fuzzed messages"
+                assert sum(codes.values()) == 3600 and codes[Code.INVALID_ARGUMENT] >= 2700, codes
+                # >= 10 kB kept per message would grow every round by >= 12 MB
+                assert min(growth) < 12 and sum(growth) < 60, f"RSS grew {growth} MB per 1200 fuzzed messages"
                 health = health_pb2_grpc.HealthStub(channel)
                 status = (await health.Check(health_pb2.HealthCheckRequest())).status
                 assert status == health_pb2.HealthCheckResponse.SERVING
