@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,18 @@ def test_short_demo_writes_every_artefact(
     assert more["gains"]["composition"]["samples"] == 8
     with pytest.raises(BadInput, match="not empty"):  # never mixes two evaluations' pairs
         evaluate_run(run, EvalRequest(), tmp_path / "eval")
+
+    # scripts/rl_sweep.py replays the controller's step in one process (for sweeps on one GPU): from the
+    # same config and weights it must take the same steps, so its losses and evaluation match the run's.
+    sweep_out = tmp_path / "sweep.jsonl"
+    cmd = [sys.executable, str(RECIPES.parent / "scripts" / "rl_sweep.py"), "one", "--config",
+           str(run / "config.yaml"), "--pretrained", str(pre), "--eval-seeds", "1", "--out", str(sweep_out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    replay = json.loads(sweep_out.read_text())
+    losses = [r["learner/loss"] for r in rows if "learner/loss" in r]
+    assert replay["losses_first3"] == pytest.approx(losses[:3], rel=1e-6, abs=1e-7)
+    assert replay["before"] == pytest.approx(summary["before"]["composition"], abs=1e-6)
+    assert replay["after"] == pytest.approx(summary["after"]["composition"], abs=1e-6)
 
     # A second `make demo` reuses the finished pretraining.
     recipe2 = _shortened(tmp_path)
