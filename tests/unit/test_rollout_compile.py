@@ -6,6 +6,8 @@ On the CPU this compiles the tiny DiT with Inductor's C++ backend; on a GPU (mar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,8 +76,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("device", "fmt"), CASES)
-def test_compiled_rollouts_match_eager_and_follow_every_sync(device: str, fmt: Format) -> None:
+def test_compiled_rollouts_match_eager_and_follow_every_sync(
+    device: str, fmt: Format, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch._dynamo.utils import counters
+
+    # A compile killed mid-way leaves a zero-byte .so in Inductor's shared /tmp cache that fails every later
+    # load ("file too short"); a cache of the test's own keeps one interrupted run from failing the next.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
     # Fused kernels round differently: BF16 on the GPU, and a flipped 4- or 8-bit activation rounding.
     tols = {"bf16": 2e-2 if device == "cuda" else 1e-4, fmt: 2e-2}
