@@ -182,12 +182,16 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
 
 def config_to_diffusers(cfg: SanaConfig) -> dict[str, Any]:
     """The `config.json` diffusers' `SanaTransformer2DModel` reads for this architecture."""
-    import diffusers
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # informational only: a machine without diffusers still writes a folder diffusers can load
+        stamp = {"_diffusers_version": version("diffusers")}
+    except PackageNotFoundError:
+        stamp = {}
     d = cfg.hidden_size
     return {
         "_class_name": "SanaTransformer2DModel",
-        "_diffusers_version": diffusers.__version__,
+        **stamp,
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "num_attention_heads": d // cfg.head_dim,

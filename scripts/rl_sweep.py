@@ -3,13 +3,17 @@
     # one run: the demo's RL stage from a finished pretraining, evaluated before and after on 24x32 samples
     .venv/bin/python scripts/rl_sweep.py one --config runs/tiny/config.yaml --pretrained runs/tiny-pretrain \
         --seed 0 --set learner.optim.lr=2e-3 --out sweep.jsonl
+    # both stages: the pretraining recipe replayed in-process first, then RL; also evaluated at guidance 1
+    .venv/bin/python scripts/rl_sweep.py one --config runs/tiny/config.yaml --pretrain recipes/tiny_pretrain.yaml \
+        --pretrain-set run.steps=1600 --eval-guidance 1.0
     # a sweep: one "TAG SEED [--set k=v ...] [--eval-at 20,40]" per line, 12 runs at a time
     .venv/bin/python scripts/rl_sweep.py many jobs.txt --parallel 12 --out sweep.jsonl -- --config ... --pretrained ...
 
-A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`) with the same objects
+A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`), after its pretraining
+step (`_dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
 (Learner, RolloutEngine, the reward scorer, keep_seeds, advantage_batch) and the same random draws in the
 same order, but in one process: no Ray, no gRPC, no checkpoints, no logs. On a CPU it reproduces a real
-run's losses to the digit (the demo's seed 0: 2.04138, 2.03192, 2.09701 for steps 1-3). On a GPU the
+run's losses and pretrained weights to the digit (the short demo test checks both). On a GPU the
 rollout copy computes in BF16 unless `--fp32-rollout`, and numbers differ from the CPU's: rank settings
 there, then confirm them with `sana-rl run` + `sana-rl eval` on the machine the recipe is for.
 
@@ -27,6 +31,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +58,16 @@ def _stub_grpc_extras() -> None:
         from sana_rl.reward.v1 import reward_pb2_grpc  # noqa: F401
     except Exception:  # a version check of the generated code raises RuntimeError, not ImportError
         names.append("sana_rl.reward.v1.reward_pb2_grpc")
+
+    def attr(item: str) -> type:
+        if item.startswith("__"):  # inspect and importlib probe __file__ and friends on every module
+            raise AttributeError(item)
+        return type(item, (), {})
+
     for name in names:
         module = types.ModuleType(name)
         module.__path__ = []
-        module.__getattr__ = lambda item: type(item, (), {})  # type: ignore[method-assign]
+        module.__getattr__ = attr  # type: ignore[method-assign]
         sys.modules[name] = module
 
 
@@ -75,8 +86,9 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     from rewards.base import make_scorer
     from rewards.client import RunningNorm  # the client's own normalisation, as a run's rewards get it
 
+    pretrained = pretrain(a) if a.pretrain else Path(a.pretrained)
     cfg = load_recipe(a.config, [f"run.seed={a.seed}", *a.set], base_dir=Path.cwd())
-    cfg.model.pretrained = str(init_weights(Path(a.pretrained)))
+    cfg.model.pretrained = str(init_weights(pretrained))
     if a.emb_cache:
         cfg.codec.embedding_cache = a.emb_cache
     ro, ev = cfg.rollout, cfg.eval
@@ -121,7 +133,14 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
 
     eval_prompts = data.eval_prompts(ev.num_prompts)
 
-    def evaluate() -> dict[str, np.ndarray]:
+    def evaluate(guidance: float | None = None) -> dict[str, np.ndarray]:
+        if guidance is not None:  # this evaluation only: the recipe's sampler otherwise
+            sampler = engine.sampler_cfg
+            engine.sampler_cfg = replace(sampler, guidance_scale=guidance)
+            try:
+                return evaluate()
+            finally:
+                engine.sampler_cfg = sampler
         flat = [p for p in eval_prompts for _ in range(a.eval_seeds)]
         seeds = [ev.seed + i for i in range(len(flat))]  # as `sana-rl eval --seeds-per-prompt` draws them
         groups = [i // a.eval_seeds for i in range(len(flat))]
@@ -141,6 +160,8 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         engine.policy.float()
         sync()
     before = evaluate()
+    extra_g = [float(g) for g in a.eval_guidance.split(",") if g]
+    before_g = {g: float(evaluate(g)[head].mean()) for g in extra_g}
     eval_at = {int(s) for s in a.eval_at.split(",") if s}
     curve: dict[int, float] = {}
     train_reward: list[float] = []
@@ -174,6 +195,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
             curve[step] = float(evaluate()[head].mean())
     t_train = time.perf_counter() - t0
     after = evaluate()
+    after_g = {g: float(evaluate(g)[head].mean()) for g in extra_g}
     diff = after[head] - before[head]
 
     import torch.distributed as dist
@@ -187,8 +209,48 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         "heads_after": {k: float(v.mean()) for k, v in after.items()},
         "curve": curve, "train_reward_first5": float(np.mean(train_reward[:5])),
         "train_reward_last5": float(np.mean(train_reward[-5:])), "losses_first3": losses[:3],
-        "train_s": t_train,
+        "train_s": t_train, "pretrain": a.pretrain_set if a.pretrain else a.pretrained,
+        "guidance_before": before_g, "guidance_after": after_g,
     }  # fmt: skip
+
+
+def pretrain(a: argparse.Namespace) -> Path:
+    """The controller's pretraining step (`Controller._dataset_batch` + `_train_step`) in-process, its
+    weights exported to `--pretrain-out`; the directory to start the RL stage from."""
+    from actors.generator import RolloutEngine
+    from actors.learner import Learner
+    from actors.records import TrainBatch
+    from orchestrator.config import load_recipe
+    from orchestrator.roles import DataFeed
+    from policy.codecs import from_uint8
+    from policy.flow import drop_captions
+
+    cfg = load_recipe(a.pretrain, [f"run.seed={a.pretrain_seed}", *a.pretrain_set])
+    if a.emb_cache:
+        cfg.codec.embedding_cache = a.emb_cache
+    learner = Learner(rank=0, world_size=1, num_threads=a.threads)
+    learner.init_distributed(*learner.open_rendezvous(), timeout_s=120)
+    learner.setup(cfg.model, cfg.learner, cfg.loss, seed=cfg.run.seed)
+    engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"], device=learner.device)
+    data = DataFeed(cfg)
+    rng = torch.Generator().manual_seed(cfg.run.seed)
+    for _ in range(cfg.run.steps):
+        images, captions = data.next_images(cfg.learner.batch_size)
+        with torch.no_grad():
+            x0 = engine.codec.encode(from_uint8(images))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+        text, mask = engine.encode(drop_captions(captions, cfg.loss.fm.caption_dropout, seed))
+        learner.forward_backward(
+            TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
+        )
+        learner.optim_step()
+    out = Path(a.pretrain_out or f"{a.out}.pretrain-{a.tag}-{a.seed}")
+    learner.export_diffusers(str(out))
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return out
 
 
 def run_many(jobs: Path, parallel: int, out: str, common: list[str]) -> int:
@@ -219,7 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("one", help="one run; appends a JSON line to --out")
     one.add_argument("--config", required=True, help="a recipe or a run's config.yaml")
-    one.add_argument("--pretrained", required=True, help="a finished run directory or a diffusers directory")
+    start = one.add_mutually_exclusive_group(required=True)
+    start.add_argument("--pretrained", help="a finished run directory or a diffusers directory")
+    start.add_argument("--pretrain", help="a pretraining recipe, run in-process first (`--pretrain-set`)")
+    one.add_argument("--pretrain-set", action="append", default=[], help="dotted.key=value for --pretrain")
+    one.add_argument("--pretrain-seed", type=int, default=0)
+    one.add_argument("--pretrain-out", default=None, help="where --pretrain exports (default: beside --out)")
+    one.add_argument(
+        "--eval-guidance", default="", help="also evaluate at these guidance scales (comma-separated)"
+    )
     one.add_argument("--seed", type=int, default=0, help="run.seed")
     one.add_argument("--set", action="append", default=[], help="dotted.key=value, as `sana-rl run --set`")
     one.add_argument("--tag", default="run")

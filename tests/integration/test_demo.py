@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from orchestrator.config import load_recipe
 from orchestrator.evaluate import EvalRequest, evaluate_run
@@ -84,12 +86,18 @@ def test_short_demo_writes_every_artefact(
     with pytest.raises(BadInput, match="not empty"):  # never mixes two evaluations' pairs
         evaluate_run(run, EvalRequest(), tmp_path / "eval")
 
-    # scripts/rl_sweep.py replays the controller's step in one process (for sweeps on one GPU): from the
-    # same config and weights it must take the same steps, so its losses and evaluation match the run's.
-    sweep_out = tmp_path / "sweep.jsonl"
+    # scripts/rl_sweep.py replays both stages' steps in one process (for sweeps on one GPU): from the same
+    # recipes it must take the same steps, so its pretrained weights, losses and evaluation match the run's.
+    sweep_out, replayed = tmp_path / "sweep.jsonl", tmp_path / "replayed-pretrain"
     cmd = [sys.executable, str(RECIPES.parent / "scripts" / "rl_sweep.py"), "one", "--config",
-           str(run / "config.yaml"), "--pretrained", str(pre), "--eval-seeds", "1", "--out", str(sweep_out)]  # fmt: skip
+           str(run / "config.yaml"), "--pretrain", str(tmp_path / "tiny_pretrain.yaml"), "--pretrain-out",
+           str(replayed), "--eval-seeds", "1", "--out", str(sweep_out)]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    ours, theirs = (
+        load_file(replayed / "diffusion_pytorch_model.safetensors"),
+        load_file(pre / "export" / "diffusion_pytorch_model.safetensors"),
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     replay = json.loads(sweep_out.read_text())
     losses = [r["learner/loss"] for r in rows if "learner/loss" in r]
     assert replay["losses_first3"] == pytest.approx(losses[:3], rel=1e-6, abs=1e-7)

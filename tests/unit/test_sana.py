@@ -87,6 +87,25 @@ def test_saved_checkpoint_opens_in_diffusers_and_matches(name: str, tmp_path: Pa
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
+def test_saves_without_diffusers_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU box or a slim image may lack diffusers: the export still writes and reloads, only the
+    informational version stamp is left out of config.json."""
+    import importlib.metadata
+
+    assert "_diffusers_version" in sda.config_to_diffusers(CONFIGS["plain"])
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    ours = SanaDiT(CONFIGS["plain"]).eval()
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "SanaTransformer2DModel" and "_diffusers_version" not in config
+    again = SanaDiT.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
 def _original_state_dict(cfg: SanaConfig) -> dict[str, torch.Tensor]:
     """Random weights under the original Sana key names and shapes, written out by hand (not via the adapter)."""
     d, c, p, dc = cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.caption_channels
