@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -29,6 +29,11 @@ from orchestrator.roles import Roles, start_roles
 from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
 from policy.codecs import from_uint8
 from policy.flow import drop_captions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from actors.generator import RolloutEngine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -253,13 +258,7 @@ class Controller:
         images, captions = self.roles.data.next_images(self.cfg.learner.batch_size)
         engine = self.roles.local_engine
         assert engine is not None  # dataset modes sample and encode in-process
-        with torch.no_grad():  # frozen codecs
-            x0 = engine.codec.encode(from_uint8(images))
-        seed = self._seed()
-        captions = drop_captions(captions, self.cfg.loss.fm.caption_dropout, seed)
-        text, mask = engine.encode(captions)
-        batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
-        return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}
+        return dataset_batch(engine, images, captions, self.cfg.loss.fm.caption_dropout, self._seed())
 
     def _preference_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         """Offline Diffusion-DPO: (prompt, preferred, rejected) records from data.preferences."""
@@ -478,6 +477,20 @@ class Controller:
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         self.roles.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
+
+
+def dataset_batch(
+    engine: RolloutEngine, images: np.ndarray, captions: list[str], caption_dropout: float, seed: int
+) -> tuple[TrainBatch, dict[str, float]]:
+    """A flow-matching batch from dataset records (uint8 [B, H, W, 3] images and their captions), with the
+    step's seed choosing which captions become the empty prompt; `scripts/rl_sweep.py` builds its replayed
+    pretraining steps with it too."""
+    with torch.no_grad():  # frozen codecs
+        x0 = engine.codec.encode(from_uint8(images))
+    captions = drop_captions(captions, caption_dropout, seed)
+    text, mask = engine.encode(captions)
+    batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
+    return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -219,11 +219,9 @@ def pretrain(a: argparse.Namespace) -> Path:
     weights exported to `--pretrain-out`; the directory to start the RL stage from."""
     from actors.generator import RolloutEngine
     from actors.learner import Learner
-    from actors.records import TrainBatch
     from orchestrator.config import load_recipe
+    from orchestrator.controller import dataset_batch
     from orchestrator.roles import DataFeed
-    from policy.codecs import from_uint8
-    from policy.flow import drop_captions
 
     cfg = load_recipe(a.pretrain, [f"run.seed={a.pretrain_seed}", *a.pretrain_set])
     if a.emb_cache:
@@ -236,13 +234,9 @@ def pretrain(a: argparse.Namespace) -> Path:
     rng = torch.Generator().manual_seed(cfg.run.seed)
     for _ in range(cfg.run.steps):
         images, captions = data.next_images(cfg.learner.batch_size)
-        with torch.no_grad():
-            x0 = engine.codec.encode(from_uint8(images))
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
-        text, mask = engine.encode(drop_captions(captions, cfg.loss.fm.caption_dropout, seed))
-        learner.forward_backward(
-            TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
-        )
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))  # Controller._seed, in its order
+        batch, _ = dataset_batch(engine, images, captions, cfg.loss.fm.caption_dropout, seed)
+        learner.forward_backward(batch)
         learner.optim_step()
     out = Path(a.pretrain_out or f"{a.out}.pretrain-{a.tag}-{a.seed}")
     learner.export_diffusers(str(out))
