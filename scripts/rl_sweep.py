@@ -10,7 +10,7 @@
     .venv/bin/python scripts/rl_sweep.py many jobs.txt --parallel 12 --out sweep.jsonl -- --config ... --pretrained ...
 
 A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`), after its pretraining
-step (`_dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
+step (`orchestrator.controller.dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
 (Learner, RolloutEngine, the reward scorer, keep_seeds, advantage_batch) and the same random draws in the
 same order, but in one process: no Ray, no gRPC, no checkpoints, no logs. On a CPU it reproduces a real
 run's losses and pretrained weights to the digit (the short demo test checks both). On a GPU the
@@ -215,7 +215,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def pretrain(a: argparse.Namespace) -> Path:
-    """The controller's pretraining step (`Controller._dataset_batch` + `_train_step`) in-process, its
+    """The controller's pretraining step (`dataset_batch` + `_train_step`) in-process, its
     weights exported to `--pretrain-out`; the directory to start the RL stage from."""
     from actors.generator import RolloutEngine
     from actors.learner import Learner
