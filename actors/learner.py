@@ -161,7 +161,7 @@ class Learner(RankActor):
             sl = slice(start, min(start + mb, n))
             weight = (sl.stop - sl.start) / n  # micro-batch means, weighted into the shard mean
             drawn = {k: v[:, lo:hi][:, sl] for k, v in draws.items()}
-            metrics = getattr(self, f"_{kind}")(shard, sl, drawn, weight)
+            metrics = getattr(self, f"_{kind}")(shard, sl, drawn, weight * batch.loss_weight)
             _accumulate(totals, metrics, weight)
         self.samples_seen += b
         out = self._mean_over_ranks(totals)

@@ -131,6 +131,9 @@ class TrainBatch:
     train_steps: torch.Tensor | None = None  # int64 [T] step indices to train on (grpo)
     seed: int = 0
     """Seeds the learner's noise (sigma, epsilon) for this batch, so reruns are exact."""
+    loss_weight: float = 1.0
+    """Scales this batch's loss, and so its gradients, where several batches make one optimizer step
+    (a replay batch beside the RL batch)."""
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
@@ -158,6 +161,7 @@ class TrainBatch:
             log_probs=cut(self.log_probs),
             train_steps=self.train_steps,
             seed=self.seed * 1000 + rank,
+            loss_weight=self.loss_weight,
         )
 
 

@@ -22,6 +22,7 @@ from orchestrator.cluster import ClusterConfig
 from orchestrator.data import DataConfig
 from orchestrator.metrics import LoggingConfig
 from orchestrator.placement import ResourcesConfig
+from orchestrator.replay import ReplayConfig
 from orchestrator.schema import ConfigError, from_dict, set_path, to_dict
 from policy.codecs import CodecConfig
 from policy.flow import SamplerConfig
@@ -83,6 +84,8 @@ class RolloutConfig:
     compile: bool = False
     """torch.compile each rollout copy on its first use (compiled once per precision and shape; synced
     weights are read in place). On an H200 the 1.6B rollout ran 1.4x (BF16) and 1.5x (FP8) eager BF16."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Best-sample replay beside NFT (orchestrator/replay.py); off unless `replay.weight` > 0."""
 
     def validate(self) -> None:
         if self.keep > self.num_seeds:
@@ -130,6 +133,13 @@ class RunConfig:
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: names must be unique, got {names}")
+        replay = self.rollout.replay
+        if replay.enabled and self.run.mode != "sol_rl":
+            raise ValueError(
+                f"rollout.replay.weight: replay trains beside NFT (mode sol_rl), not {self.run.mode}"
+            )
+        if replay.enabled and replay.score and replay.score not in names:
+            raise ValueError(f"rollout.replay.score: no reward named {replay.score!r} (rewards: {names})")
 
     @property
     def output_dir(self) -> Path:

@@ -25,6 +25,7 @@ import torch
 
 from actors.records import Rewards, Rollouts, TrainBatch
 from orchestrator.config import RL_MODES, RunConfig
+from orchestrator.replay import ReplayBuffer, replay_seed
 from orchestrator.roles import Roles, start_roles
 from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
 from policy.codecs import from_uint8
@@ -74,6 +75,9 @@ class Controller:
         """Rollout rounds produced; equals `step` in sync mode, runs ahead of it in async mode."""
         self._producer: AsyncProducer | None = None
         self._log_lock = threading.Lock()
+        replay = cfg.rollout.replay
+        self.replay = ReplayBuffer(replay, cfg.rewards[0].name) if replay.enabled and cfg.rewards else None
+        """Best-sample replay beside NFT (rollout.replay); saved with checkpoints."""
 
     # ---------------------------------------------------------------- lifecycle
     def run(self, resume: bool) -> dict[str, Any]:
@@ -211,6 +215,8 @@ class Controller:
                 self.roles.learners.restart()
                 if ckpt is not None:
                     self._restore(ckpt)  # else (step 0) the restarted ranks start from model.pretrained again
+                elif self.replay is not None:
+                    self.replay.clear()
                 self._sync(rewind=True)
             except LearnerFailed as again:
                 exc, where = again, f"the restore from {ckpt}"
@@ -237,6 +243,13 @@ class Controller:
             self.counters.skip("no_signal")
             metrics["skipped"] = 1.0
             return metrics
+        replayed: dict[str, float] = {}
+        if self.replay is not None and batch.kind == "nft":  # its gradients join the NFT batch's
+            extra = self.replay.batch(
+                replay_seed(self.cfg.run.seed, self.step + 1), self.roles.learners.world
+            )
+            if extra is not None:
+                replayed = self.roles.learners.forward_backward(extra)
         fb = self.roles.learners.forward_backward(batch)
         version, om = self.roles.learners.optim_step()
         t2 = time.perf_counter()
@@ -250,6 +263,7 @@ class Controller:
             self._sync()
         t3 = time.perf_counter()
         metrics.update({f"learner/{k}": v for k, v in {**fb, **om}.items()})
+        metrics.update({f"replay/{k}": v for k, v in replayed.items() if k in ("loss", "nonfinite_loss")})
         metrics.update({"time/rollout_s": t1 - t0, "time/learn_s": t2 - t1, "time/sync_s": t3 - t2})
         return metrics
 
@@ -326,6 +340,8 @@ class Controller:
             rew = self._score(roll, "final", metrics)
         else:
             roll, rew = roll.select(keep), rew.select(keep)
+        if self.replay is not None:
+            metrics.update(self.replay.admit(roll, rew))
         batch, m = advantage_batch(roll, rew, std=cfg.loss.adv_std, world=world, seed=self._seed())
         return batch, {**metrics, **m, "time/generate_s": pool.stats.seconds - gen0}
 
@@ -439,6 +455,8 @@ class Controller:
         tmp.mkdir(parents=True)
         self.roles.learners.save(str(tmp / "learner"))
         (tmp / "controller.json").write_text(json.dumps(self._state()))
+        if self.replay is not None:
+            torch.save(self.replay.state(), tmp / "replay.pt")
         with self._log_lock:  # rows of the steps this checkpoint covers must outlive a killed driver
             self.roles.rollout_log.flush()
         (tmp / "COMPLETE").write_text("ok\n")
@@ -474,6 +492,9 @@ class Controller:
         assert self.roles is not None
         self.roles.learners.load(str(ckpt / "learner"))
         self._load_state(json.loads((ckpt / "controller.json").read_text()))
+        if self.replay is not None:  # a checkpoint from before replay was on holds none
+            saved = ckpt / "replay.pt"
+            self.replay.load_state(torch.load(saved)) if saved.exists() else self.replay.clear()
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         self.roles.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)

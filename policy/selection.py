@@ -65,3 +65,19 @@ def best_worst_pairs(
             win.append(int(idx[hi]))
             lose.append(int(idx[lo]))
     return torch.tensor(win, dtype=torch.int64), torch.tensor(lose, dtype=torch.int64)
+
+
+def top_per_group(
+    scores: torch.Tensor,  # float32 [N]
+    group_ids: torch.Tensor,  # int64 [N]
+    ok: torch.Tensor,  # bool [N]; failed items are never chosen
+    k: int,
+    min_score: float,
+) -> torch.Tensor:  # int64 [<= G*k] indices into N, by group id, best first within a group
+    """The up-to-k best samples of each group scoring at least `min_score` (best-sample replay)."""
+    out: list[torch.Tensor] = []
+    for g in torch.unique(group_ids, sorted=True):
+        idx = torch.nonzero((group_ids == g) & ok).flatten()
+        best = idx[torch.argsort(scores[idx], descending=True, stable=True)][:k]
+        out.append(best[scores[best] >= min_score])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)

@@ -9,7 +9,8 @@
     # a sweep: one "TAG SEED [--set k=v ...] [--eval-at 20,40]" per line, 12 runs at a time
     .venv/bin/python scripts/rl_sweep.py many jobs.txt --parallel 12 --out sweep.jsonl -- --config ... --pretrained ...
 
-A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`), after its pretraining
+A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`, with best-sample
+replay when the recipe turns it on), after its pretraining
 step (`orchestrator.controller.dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
 (Learner, RolloutEngine, the reward scorer, keep_seeds, advantage_batch) and the same random draws in the
 same order, but in one process: no Ray, no gRPC, no checkpoints, no logs. On a CPU it reproduces a real
@@ -81,6 +82,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     from actors.records import Rewards, Rollouts
     from orchestrator.config import load_recipe
     from orchestrator.launch import init_weights
+    from orchestrator.replay import ReplayBuffer, replay_seed
     from orchestrator.roles import DataFeed
     from orchestrator.rollout import advantage_batch, keep_seeds
     from rewards.base import make_scorer
@@ -103,6 +105,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     norm = RunningNorm()
     data = DataFeed(cfg)
     rng = torch.Generator().manual_seed(cfg.run.seed)  # the controller's generator, drawn in its order
+    replay = ReplayBuffer(ro.replay, spec.name) if ro.replay.enabled else None
 
     def draw() -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
@@ -186,8 +189,13 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         else:
             roll, rew = roll.select(keep), rew.select(keep)
         train_reward.append(float(rew.per_scorer[spec.name].mean()))
+        if replay is not None:
+            replay.admit(roll, rew)
         batch, _ = advantage_batch(roll, rew, std=cfg.loss.adv_std, world=1, seed=draw())
         if batch is not None:
+            extra = replay.batch(replay_seed(cfg.run.seed, step), 1) if replay is not None else None
+            if extra is not None:
+                learner.forward_backward(extra)
             losses.append(learner.forward_backward(batch)["loss"])
             learner.optim_step()
             sync()
