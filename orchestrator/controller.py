@@ -492,9 +492,12 @@ class Controller:
         assert self.roles is not None
         self.roles.learners.load(str(ckpt / "learner"))
         self._load_state(json.loads((ckpt / "controller.json").read_text()))
-        if self.replay is not None:  # a checkpoint from before replay was on holds none
+        if self.replay is not None:
             saved = ckpt / "replay.pt"
-            self.replay.load_state(torch.load(saved)) if saved.exists() else self.replay.clear()
+            if saved.exists():
+                self.replay.load_state(torch.load(saved))
+            else:  # a checkpoint from before replay was on holds none
+                self.replay.clear()
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         self.roles.metrics.drop_after(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
