@@ -136,7 +136,8 @@ class RunConfig:
         replay = self.rollout.replay
         if replay.enabled and self.run.mode != "sol_rl":
             raise ValueError(
-                f"rollout.replay.weight: replay trains beside NFT (mode sol_rl), not {self.run.mode}"
+                f"rollout.replay.weight: replay trains beside NFT (mode sol_rl), not {self.run.mode};"
+                " set rollout.replay.weight=0 to turn it off"
             )
         if replay.enabled and replay.score and replay.score not in names:
             raise ValueError(f"rollout.replay.score: no reward named {replay.score!r} (rewards: {names})")
