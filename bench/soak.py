@@ -58,9 +58,6 @@ def fault_overrides(run_dir: Path, policy: Path, *, steps: int, extra: tuple[str
         "eval.steps=2",
         "logging.wandb=disabled",
         "logging.progress=false",
-        # the fault tests predate the demo's best-sample replay; a driver killed mid-step does not yet
-        # resume the replay buffer exactly (not investigated), so they run NFT alone
-        "rollout.replay.weight=0",
         *SMALL_RL,
         # one intra-op thread per actor: with two on a busy 2-core box, OpenMP barriers wait on
         # preempted threads and a 0.4 s rollout takes 5-10 s
@@ -68,6 +65,9 @@ def fault_overrides(run_dir: Path, policy: Path, *, steps: int, extra: tuple[str
         "learner.num_threads=1",
         # retry_budget_s (120 s) bounds the retries (max_attempts' default leaves that to it)
         f"rewards=[{{name: {REWARD}, scorer: jpeg_compressibility}}]",
+        # JPEG scores sit under the demo's composition gate: admit them, so that fault runs carry a
+        # non-empty replay buffer through their kills and resumes
+        "rollout.replay.min_score=-.inf",
         f"model.pretrained={policy}",
         f"run.output_dir={run_dir}",
         *extra,

@@ -78,6 +78,9 @@ class Controller:
         replay = cfg.rollout.replay
         self.replay = ReplayBuffer(replay, cfg.rewards[0].name) if replay.enabled and cfg.rewards else None
         """Best-sample replay beside NFT (rollout.replay); saved with checkpoints."""
+        self._first_state: dict[str, Any] | None = None
+        """The controller's state before step 1: what a learner failure before the first checkpoint
+        rewinds to (the restarted ranks start from model.pretrained)."""
 
     # ---------------------------------------------------------------- lifecycle
     def run(self, resume: bool) -> dict[str, Any]:
@@ -87,6 +90,8 @@ class Controller:
         try:
             if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
                 self._restore(ckpt)
+            if self.step == 0:
+                self._first_state = self._state()
             self._sync()
             before: dict[str, float] = {}
             if self.step == 0:  # a resumed run evaluated before its first step already
@@ -213,10 +218,7 @@ class Controller:
             restores = self.counters.learner_restores + 1
             try:
                 self.roles.learners.restart()
-                if ckpt is not None:
-                    self._restore(ckpt)  # else (step 0) the restarted ranks start from model.pretrained again
-                elif self.replay is not None:
-                    self.replay.clear()
+                self._restore(ckpt)
                 self._sync(rewind=True)
             except LearnerFailed as again:
                 exc, where = again, f"the restore from {ckpt}"
@@ -488,15 +490,21 @@ class Controller:
         self.counters = Counters(**state["counters"])
         self.produced = int(state.get("produced", self.step))
 
-    def _restore(self, ckpt: Path) -> None:
+    def _restore(self, ckpt: Path | None) -> None:
+        """Rewinds the run to checkpoint `ckpt`; None: to before step 1 (the learners, restarted, already
+        hold model.pretrained)."""
         assert self.roles is not None
-        self.roles.learners.load(str(ckpt / "learner"))
-        self._load_state(json.loads((ckpt / "controller.json").read_text()))
+        if ckpt is None:
+            assert self._first_state is not None, "no checkpoint to restore from"
+            self._load_state(self._first_state)
+        else:
+            self.roles.learners.load(str(ckpt / "learner"))
+            self._load_state(json.loads((ckpt / "controller.json").read_text()))
         if self.replay is not None:
-            saved = ckpt / "replay.pt"
-            if saved.exists():
+            saved = None if ckpt is None else ckpt / "replay.pt"
+            if saved is not None and saved.exists():
                 self.replay.load_state(torch.load(saved))
-            else:  # a checkpoint from before replay was on holds none
+            else:  # the run's start, or a checkpoint from before replay was on, holds none
                 self.replay.clear()
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
         self.roles.metrics.drop_after(self.step)

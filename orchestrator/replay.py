@@ -84,12 +84,10 @@ class ReplayBuffer:
             for items in (self._x0, self._text, self._mask, self._scores):
                 del items[:drop]
             self.admitted += idx.numel()
-            mean = sum(self._scores) / len(self._scores) if self._scores else float("nan")
-            return {
-                "replay/admitted": float(idx.numel()),
-                "replay/size": float(len(self)),
-                "replay/score": mean,
-            }
+            metrics = {"replay/admitted": float(idx.numel()), "replay/size": float(len(self))}
+            if self._scores:  # an empty buffer has no mean score (a NaN would reach wandb)
+                metrics["replay/score"] = sum(self._scores) / len(self._scores)
+            return metrics
 
     def batch(self, seed: int, world: int) -> TrainBatch | None:
         """`batch_size` samples drawn with replacement (rounded down to a multiple of `world`), or None

@@ -308,6 +308,12 @@ def test_reward_service_down_past_its_budget_stops_with_a_resumable_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- learner
+def forward_backward_of(step: int) -> int:
+    """The 0-based `LearnerGroup.forward_backward` call that starts `step` of a fault run: each step makes
+    two, the replay buffer's batch and then the NFT batch (the buffer admits before step 1's draw)."""
+    return 2 * (step - 1)
+
+
 def _kill_rank0_on(
     call: int | set[int],
     monkeypatch: pytest.MonkeyPatch,
@@ -329,17 +335,21 @@ def _kill_rank0_on(
     _calls({"LearnerGroup": LearnerGroup, "Roles": Roles}[owner], method, monkeypatch, on_call)
 
 
+@pytest.mark.parametrize("step", [1, 2], ids=["step-1-before-any-checkpoint", "step-2"])
 def test_learner_rank_killed_restores_all_ranks_from_the_last_checkpoint(
-    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
 ) -> None:
+    """Step 2 is redone from the step-1 checkpoint; step 1, with no checkpoint yet, from the run's start
+    (the pretrained weights, the first prompts and seeds, an empty replay buffer)."""
     pids: list[int] = []
-    _kill_rank0_on(1, monkeypatch, pids)  # step 2's forward-backward
+    killed = forward_backward_of(step)
+    _kill_rank0_on(killed, monkeypatch, pids)
     summary = run_faulty(tmp_path, policy, steps=3)
 
     assert summary["counters"]["learner_restores"] == 1 and summary["steps"] == 3
-    assert pids[0] == pids[1] != pids[-1]  # the killed rank was replaced
+    assert pids[0] == pids[killed] != pids[-1]  # the killed rank was replaced
     assert summary["weights_in_sync"] is True
-    assert_same_steps(tmp_path, baseline, range(1, 4))  # step 2 redone from the step-1 checkpoint
+    assert_same_steps(tmp_path, baseline, range(1, 4))
     assert rollouts(tmp_path, 3) == rollouts(baseline, 3)  # the lost step's rows are not logged twice
 
 
@@ -349,11 +359,11 @@ def test_learner_rank_killed_in_async_mode_restores_and_restarts_the_producer(
     """Async mode: the rollout producer is stopped before the restore rewinds what it samples with, and a
     fresh one starts from the restored step; the run finishes with every step trained."""
     pids: list[int] = []
-    _kill_rank0_on(1, monkeypatch, pids)  # step 2's forward-backward
+    _kill_rank0_on(forward_backward_of(2), monkeypatch, pids)
     summary = run_faulty(tmp_path, policy, steps=3, extra=(*ASYNC, "run.checkpoint_every=1"))
 
     assert summary["counters"]["learner_restores"] == 1 and summary["steps"] == 3
-    assert pids[0] == pids[1] != pids[-1]
+    assert pids[0] == pids[forward_backward_of(2)] != pids[-1]
     assert summary["weights_in_sync"] is True
     rows = step_rows(tmp_path)
     assert all(rows[s]["learner/loss"] is not None for s in range(1, 4)), rows
@@ -363,7 +373,8 @@ def test_learner_rank_killed_again_in_the_retried_step_restores_again(
     baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pids: list[int] = []
-    _kill_rank0_on({1, 2}, monkeypatch, pids)  # step 2's forward-backward, then its retry
+    killed = forward_backward_of(2)  # step 2's first forward-backward, then its retry's
+    _kill_rank0_on({killed, killed + 1}, monkeypatch, pids)
     summary = run_faulty(tmp_path, policy, steps=3)
 
     assert summary["counters"]["learner_restores"] == 2 and summary["steps"] == 3
@@ -375,7 +386,7 @@ def test_learner_rank_killed_again_in_the_retried_step_restores_again(
 def test_learner_rank_killed_during_the_restore_uses_another_restore(
     baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _kill_rank0_on(1, monkeypatch, [])  # step 2's forward-backward
+    _kill_rank0_on(forward_backward_of(2), monkeypatch, [])
     _kill_rank0_on(0, monkeypatch, [], "LearnerGroup.load")  # the restarted rank, as it loads step 1
     summary = run_faulty(tmp_path, policy, steps=3)
 
@@ -386,7 +397,7 @@ def test_learner_rank_killed_during_the_restore_uses_another_restore(
 def test_learner_rank_killed_during_the_last_restore_left_stops_naming_it(
     policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _kill_rank0_on(1, monkeypatch, [])
+    _kill_rank0_on(forward_backward_of(2), monkeypatch, [])
     _kill_rank0_on(0, monkeypatch, [], "LearnerGroup.load")
     with pytest.raises(
         RunFailed,
@@ -400,7 +411,7 @@ def test_learner_rank_killed_with_on_learner_failure_stop_ends_the_run_clearly(
     ray_cluster: object, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pids: list[int] = []
-    _kill_rank0_on(1, monkeypatch, pids)
+    _kill_rank0_on(forward_backward_of(2), monkeypatch, pids)
     with pytest.raises(
         RunFailed, match=r"learner failed in step 2: learner-rank0 failed in forward_backward"
     ):
@@ -538,7 +549,8 @@ def test_non_finite_rewards_and_gradients_are_skipped_and_counted_until_the_skip
 
     def poison(n: int, group: LearnerGroup, args: tuple[Any, ...]) -> None:
         batch: TrainBatch = args[0]
-        if n == 1 and batch.advantages is not None:  # step 2: the loss and every gradient turn NaN
+        if n == forward_backward_of(2) + 1:  # step 2's NFT batch: the loss and every gradient turn NaN
+            assert batch.advantages is not None
             batch.advantages = torch.full_like(batch.advantages, math.nan)
 
     _calls(LearnerGroup, "forward_backward", monkeypatch, poison)
