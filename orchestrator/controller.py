@@ -501,9 +501,8 @@ class Controller:
             self.roles.learners.load(str(ckpt / "learner"))
             self._load_state(json.loads((ckpt / "controller.json").read_text()))
         if self.replay is not None:
-            saved = None if ckpt is None else ckpt / "replay.pt"
-            if saved is not None and saved.exists():
-                self.replay.load_state(torch.load(saved))
+            if ckpt is not None and (ckpt / "replay.pt").exists():
+                self.replay.load_state(torch.load(ckpt / "replay.pt"))
             else:  # the run's start, or a checkpoint from before replay was on, holds none
                 self.replay.clear()
         self.roles.rollout_log.drop_after(self.step)  # the steps after the checkpoint run again
