@@ -216,7 +216,8 @@ def print_summary(
     before, after = summary.get("before", {}), summary.get("after", {})
     table = Table(title=f"{cfg.run.name} ({cfg.run.mode})")
     table.add_column("metric")
-    table.add_column("before", justify="right")
+    # a run from random weights (pretraining) measures its start too; say so, or 0.000 reads like a bug
+    table.add_column("before" if cfg.model.pretrained else "before (random init)", justify="right")
     table.add_column("after", justify="right")
     for key in sorted(set(before) | set(after)):
         b, a = before.get(key), after.get(key)

@@ -152,3 +152,18 @@ def test_eval_refuses_what_is_not_a_finished_run(tmp_path: Path, capsys: pytest.
     assert "eval.seeds_per_prompt: must be >= 1" in capsys.readouterr().err
     assert main(["eval", str(run)]) == 2  # finished, but nothing was exported
     assert "export/config.json" in capsys.readouterr().err
+
+
+def test_summary_table_says_when_before_is_the_random_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.launch import print_summary
+
+    summary = {"before": {"composition": 0.0}, "after": {"composition": 0.474}, "steps": 800, "wall_s": 234.0}
+    cfg = load_recipe(RECIPES[0].parent / "tiny_pretrain.yaml")  # pretraining from random weights
+    print_summary(cfg, summary, tmp_path)
+    out = capsys.readouterr().out
+    assert "before (random init)" in out and "0.474" in out
+    cfg.model.pretrained = str(tmp_path)  # an RL stage starts from trained weights: a plain "before"
+    print_summary(cfg, summary, tmp_path)
+    assert "random init" not in capsys.readouterr().out
