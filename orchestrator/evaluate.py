@@ -96,7 +96,8 @@ def evaluate_run(run_dir: Path, request: EvalRequest, out: Path | None = None) -
         "steps": steps_trained,
         "wall_s": result["wall_s"],
     }
-    print_summary(cfg, summary, out, outputs="eval.json, samples/before.png, samples/after.png, rollouts/")
+    outputs = "eval.json, samples/before.png, samples/after.png, rollouts/"
+    print_summary(cfg, summary, out, outputs, random_start=start is None)
     for key, g in gains.items():
         print(
             f"{key}: {g.after - g.before:+.3f} +- {g.stderr:.3f} (paired standard error, {g.samples} samples)"

@@ -96,7 +96,7 @@ def launch(cfg: RunConfig, *, recipe: Path, dry_run: bool = False, resume: bool 
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         print(f"== {cfg.run.name}: {cfg.run.mode}, {cfg.run.steps} steps -> {run_dir}")
         summary = Controller(cfg, run_dir).run(resume=resume)
-        print_summary(cfg, summary, run_dir)
+        print_summary(cfg, summary, run_dir, random_start=cfg.model.pretrained is None)
         return 0
     finally:
         disconnect_cluster(cfg)
@@ -208,16 +208,19 @@ def print_summary(
     summary: dict[str, Any],
     run_dir: Path,
     outputs: str = "samples/*.png, metrics.jsonl, reward_curve.png, config.yaml, checkpoints/",
+    *,
+    random_start: bool,
 ) -> None:
-    """The table a run ends with: evaluation before and after, steps, wall time, outputs."""
+    """The table a run ends with: evaluation before and after, steps, wall time, outputs.
+    `random_start`: "before" measured the seeded initialisation (pretraining), not trained weights."""
     from rich.console import Console
     from rich.table import Table
 
     before, after = summary.get("before", {}), summary.get("after", {})
     table = Table(title=f"{cfg.run.name} ({cfg.run.mode})")
     table.add_column("metric")
-    # a run from random weights (pretraining) measures its start too; say so, or 0.000 reads like a bug
-    table.add_column("before" if cfg.model.pretrained else "before (random init)", justify="right")
+    # a run from random weights measures its start too; say so, or pretraining's 0.000 reads like a bug
+    table.add_column("before (random init)" if random_start else "before", justify="right")
     table.add_column("after", justify="right")
     for key in sorted(set(before) | set(after)):
         b, a = before.get(key), after.get(key)

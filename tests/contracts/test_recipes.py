@@ -160,10 +160,10 @@ def test_summary_table_says_when_before_is_the_random_init(
     from orchestrator.launch import print_summary
 
     summary = {"before": {"composition": 0.0}, "after": {"composition": 0.474}, "steps": 800, "wall_s": 234.0}
-    cfg = load_recipe(RECIPES[0].parent / "tiny_pretrain.yaml")  # pretraining from random weights
-    print_summary(cfg, summary, tmp_path)
+    cfg = load_recipe(RECIPES[0].parent / "tiny_pretrain.yaml")
+    print_summary(cfg, summary, tmp_path, random_start=True)  # pretraining from random weights
     out = capsys.readouterr().out
     assert "before (random init)" in out and "0.474" in out
-    cfg.model.pretrained = str(tmp_path)  # an RL stage starts from trained weights: a plain "before"
-    print_summary(cfg, summary, tmp_path)
-    assert "random init" not in capsys.readouterr().out
+    print_summary(cfg, summary, tmp_path, random_start=False)  # an RL stage from trained weights
+    out = capsys.readouterr().out
+    assert "before" in out and "random init" not in out

@@ -49,6 +49,7 @@ def test_short_demo_writes_every_artefact(
     assert launch(load_recipe(recipe), recipe=recipe) == 0
     out = capsys.readouterr().out
     assert "stage 1: tiny-pretrain (pretrain)" in out and "composition" in out and "wall time" in out
+    assert out.count("before (random init)") == 1  # pretraining's table; the RL stage starts from its export
 
     pre, run = tmp_path / "runs" / "tiny-pretrain", tmp_path / "runs" / "tiny"
     assert (pre / "summary.json").exists() and (pre / "export" / "config.json").exists()
@@ -73,6 +74,7 @@ def test_short_demo_writes_every_artefact(
     # prompts, seeds, sampler and reward service), and pairs every sample with itself.
     summary = json.loads((run / "summary.json").read_text())
     result = evaluate_run(run, EvalRequest(), tmp_path / "eval")
+    assert "before" in (out := capsys.readouterr().out) and "random init" not in out
     gain = result["gains"]["composition"]
     assert gain["samples"] == 4  # 4 prompts x 1 seed
     assert gain["before"] == pytest.approx(summary["before"]["composition"], abs=1e-6)
