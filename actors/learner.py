@@ -8,8 +8,8 @@ order: `forward_backward(batch)` (gradient accumulation over micro-batches of th
 Extra policies are kept as *slots*: copies of the trainable parameters sharded exactly like them,
 swapped into the shards for a no-grad forward. "old" is DiffusionNFT's EMA policy; "ref" is the policy
 as it was when the objective first ran (the KL anchor and DPO's reference). With LoRA the slots hold
-adapter weights only. "old" moves after every optimizer step (the controller's step is one rollout
-round, DiffusionNFT's epoch) and is what `state_for_rollout` hands the generators under NFT. GRPO's old
+adapter weights only. "old" moves after every optimizer update (the controller's step, one rollout
+round, is DiffusionNFT's epoch: one update, more with best-sample replay's `updates`) and is what `state_for_rollout` hands the generators under NFT. GRPO's old
 policy is the current BF16 one (ratio 1 at the first update); the truncated importance weight against
 the rollout's own log-probs covers the quantized sampler and staleness. Every random draw (σ, ε) comes
 from the batch seed over the *whole* batch before it is sliced, so R ranks compute what one rank would.
@@ -168,11 +168,13 @@ class Learner(RankActor):
         out["nonfinite_loss"] = 0.0 if math.isfinite(out["loss"]) else 1.0  # NaN on any rank spreads here
         return out
 
-    def optim_step(self) -> tuple[int, dict[str, float]]:
+    def optim_step(self, advance: bool = True) -> tuple[int, dict[str, float]]:
         """Clip, check and apply the accumulated gradients; returns (policy_version, metrics).
 
         A non-finite gradient norm (a NaN/inf anywhere in the batch, on any rank: the norm is global) skips
         the update on every rank alike and is counted; the version only advances on a real update.
+        `advance=False` is a further update within the same rollout round (best-sample replay's
+        `updates`): the weights and the old policy move, the version and so the lr schedule do not.
         """
         from torch.distributed.tensor import DTensor
 
@@ -186,8 +188,8 @@ class Learner(RankActor):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.version += 1
-            if "old" in self.slots:  # one optimizer step is one rollout round (epoch) for the controller
+            self.version += int(advance)
+            if "old" in self.slots:  # follows every update, so NFT's next round starts with old ≈ θ
                 nft = self.loss_cfg.nft
                 decay = L.old_policy_decay(self.version, nft.decay_rate, nft.decay_max)
                 L.ema_update_(_shards(self.slots["old"]), _shards(self.params), decay)
@@ -526,8 +528,8 @@ class LearnerGroup:
             raise ValueError(f"batch: {len(batch)} samples do not split over {self.world} learner ranks")
         return dict(self._call("forward_backward", ray.put(batch))[0])
 
-    def optim_step(self) -> tuple[int, dict[str, float]]:
-        version, metrics = self._call("optim_step")[0]
+    def optim_step(self, advance: bool = True) -> tuple[int, dict[str, float]]:
+        version, metrics = self._call("optim_step", advance)[0]
         return int(version), dict(metrics)
 
     def state_for_rollout(self) -> WeightSnapshot:

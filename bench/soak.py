@@ -41,6 +41,7 @@ SMALL_RL = (
     "rollout.preview_steps=2",
     "rollout.final_steps=3",
     "learner.micro_batch_size=8",
+    "rollout.replay.batch_size=8",
 )
 """The smallest RL step that still has groups to rank: what the soak, fault and end-to-end tests run."""
 

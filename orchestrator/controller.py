@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REPLAY_METRICS = ("loss", "nonfinite_loss", "updates_loss")
+"""What a step's row logs of best-sample replay's learner metrics (as replay/...)."""
 
 
 class RunFailed(RuntimeError):
@@ -254,10 +256,12 @@ class Controller:
                 replayed = self.roles.learners.forward_backward(extra)
         fb = self.roles.learners.forward_backward(batch)
         version, om = self.roles.learners.optim_step()
-        t2 = time.perf_counter()
         if om.get("skipped", 0.0):
             self.counters.skipped_steps += 1
             self.counters.skip("non_finite_grad")
+        elif replayed:
+            replayed.update(self._replay_updates())
+        t2 = time.perf_counter()
         self.version = version
         if self._producer is not None:
             self._producer.buffer.advance(version)
@@ -265,9 +269,23 @@ class Controller:
             self._sync()
         t3 = time.perf_counter()
         metrics.update({f"learner/{k}": v for k, v in {**fb, **om}.items()})
-        metrics.update({f"replay/{k}": v for k, v in replayed.items() if k in ("loss", "nonfinite_loss")})
+        metrics.update({f"replay/{k}": v for k, v in replayed.items() if k in REPLAY_METRICS})
         metrics.update({"time/rollout_s": t1 - t0, "time/learn_s": t2 - t1, "time/sync_s": t3 - t2})
         return metrics
+
+    def _replay_updates(self) -> dict[str, float]:
+        """rollout.replay.updates further updates on fresh replay draws, within the step's policy version."""
+        assert self.roles is not None and self.replay is not None
+        losses: list[float] = []
+        for k in range(1, self.replay.cfg.updates + 1):
+            extra = self.replay.batch(
+                replay_seed(self.cfg.run.seed, self.step + 1, k), self.roles.learners.world
+            )
+            assert extra is not None  # the step's own update drew from the same, non-empty buffer
+            losses.append(self.roles.learners.forward_backward(extra)["loss"])
+            if self.roles.learners.optim_step(advance=False)[1].get("skipped", 0.0):
+                self.counters.skip("non_finite_replay_grad")
+        return {"updates_loss": sum(losses) / len(losses)} if losses else {}
 
     def _dataset_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         assert self.roles is not None

@@ -3,13 +3,16 @@
 Each Sol-RL step admits the `top_k` best regenerated samples of every prompt group (by one reward's raw
 score, at least `min_score`) into a first-in-first-out buffer of `capacity`. The learner's optimizer step
 then takes the gradient of the NFT loss plus `weight` times the flow-matching loss on `batch_size` samples
-drawn from the buffer (self-imitation, as RAFT and SIL distil the best of N into the policy). On the
-demo it damps NFT's drift toward drawing extra objects while the reward still teaches (README).
+drawn from the buffer (self-imitation, as RAFT and SIL distil the best of N into the policy), and
+`updates` more optimizer updates follow on replay alone. On the demo it damps NFT's drift toward drawing
+extra objects while the reward still teaches (README).
 
     replay = ReplayBuffer(cfg.rollout.replay, score=cfg.rewards[0].name)
     replay.admit(rollouts, rewards)                      # after the final-precision pass is scored
     extra = replay.batch(replay_seed(run_seed, step), world)  # TrainBatch(kind="fm") or None
     if extra is not None: learners.forward_backward(extra)   # gradients accumulate with the NFT batch's
+    ...  # then per k in 1..updates: forward_backward(replay.batch(replay_seed(run_seed, step, k), world))
+         # and learners.optim_step(advance=False)
 
 Pure: no Ray. The controller saves the buffer with its checkpoints (`state` / `load_state`), so a
 resumed run trains on the same samples as an uninterrupted one.
@@ -42,6 +45,9 @@ class ReplayConfig:
     """Samples kept; the oldest leave first."""
     batch_size: int = field(default=64, metadata={"ge": 1})
     """Samples drawn (with replacement) from the buffer per optimizer step."""
+    updates: int = field(default=0, metadata={"ge": 0})
+    """Further optimizer updates per step on replay alone, each on a fresh draw, after the step's own
+    (NFT + replay); the policy version still advances once per step."""
 
     @property
     def enabled(self) -> bool:
@@ -139,10 +145,11 @@ class ReplayBuffer:
             self.admitted = int(state["admitted"])  # type: ignore[call-overload]
 
 
-def replay_seed(run_seed: int, step: int) -> int:
-    """The draw of step `step` (1-based): a function of the run's seed and the step alone, so neither the
-    controller's generator (which the asynchronous producer thread uses) nor a resume moves it."""
-    return (run_seed * 1_000_003 + step) % (2**31 - 1)
+def replay_seed(run_seed: int, step: int, update: int = 0) -> int:
+    """The draw of step `step` (1-based) for its `update`-th replay-only update (0: the step's own): a
+    function of these alone, so neither the controller's generator (which the asynchronous producer
+    thread uses) nor a resume moves it."""
+    return (run_seed * 1_000_003 + step + update * 100_000_007) % (2**31 - 1)
 
 
 __all__ = ["ReplayBuffer", "ReplayConfig", "replay_seed"]

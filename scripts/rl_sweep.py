@@ -197,7 +197,13 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
             if extra is not None:
                 learner.forward_backward(extra)
             losses.append(learner.forward_backward(batch)["loss"])
-            learner.optim_step()
+            skipped = learner.optim_step()[1]["skipped"]
+            for k in range(1, ro.replay.updates + 1 if extra is not None and not skipped else 1):
+                assert replay is not None  # Controller._replay_updates
+                more = replay.batch(replay_seed(cfg.run.seed, step, k), 1)
+                assert more is not None
+                learner.forward_backward(more)
+                learner.optim_step(advance=False)
             sync()
         if step in eval_at:
             curve[step] = float(evaluate()[head].mean())

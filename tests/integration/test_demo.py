@@ -126,14 +126,15 @@ def test_short_demo_writes_every_artefact(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 8.5 minutes on 2 quiet cores (18 on a slower 2-core machine)
+@pytest.mark.timeout(1800)  # about 7 minutes on 2 quiet AVX-512 cores (18 on a slower 2-core machine)
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-4 on this machine,
-    from the same pretraining, the composition score rose by 0.074 / 0.054 / 0.066 / 0.081 / 0.070 (its
-    standard error is about 0.015), colour accuracy by 0.078 / 0.087 / 0.109 / 0.083 / 0.115 and shape
-    accuracy by 0.132 / 0.122 / 0.146 / 0.158 / 0.163 (NFT with best-sample replay). The bars
-    (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN, DEMO_MIN_SHAPE_GAIN) sit well under the smallest of the five,
-    since another CPU's floating-point path behaves like another seed."""
+    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-4 on a 2-core AVX-512
+    EPYC, from the same pretraining, the composition score rose by 0.057 / 0.099 / 0.069 / 0.083 / 0.073
+    on the recipe's 192 samples (its standard error is about 0.015), colour accuracy by 0.067 / 0.070 /
+    0.071 / 0.093 / 0.100 and shape accuracy by 0.116 / 0.148 / 0.127 / 0.143 / 0.109 (NFT with best-sample
+    replay and three further replay updates a step). The bars (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN,
+    DEMO_MIN_SHAPE_GAIN) sit well under the smallest of the five, since another CPU's floating-point path
+    behaves like another seed."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
@@ -143,6 +144,6 @@ def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.Monkey
     gain = after["composition"] - before["composition"]
     colour_gain = after["composition/colour"] - before["composition/colour"]
     shape_gain = after["composition/shape"] - before["composition/shape"]
-    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.06")), (before, after)
+    assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.04")), (before, after)
     assert shape_gain >= float(os.environ.get("DEMO_MIN_SHAPE_GAIN", "0.08")), (before, after)
-    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.02")), (before, after)
+    assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.04")), (before, after)

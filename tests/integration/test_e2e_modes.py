@@ -165,11 +165,12 @@ def test_sol_rl_with_replay_trains_on_its_best_samples_and_resumes_exactly(
     ray_cluster: object, random_policy: Path, tmp_path: Path
 ) -> None:
     """rollout.replay: each step admits the best sample per prompt, the learner's step adds their
-    flow-matching loss; a run resumed from step 1's checkpoint (which holds the buffer) takes the same
-    steps 2 and 3 as one that never stopped."""
+    flow-matching loss and two replay-only updates follow within the step's version; a run resumed from
+    step 1's checkpoint (which holds the buffer) takes the same steps 2 and 3 as one that never stopped."""
     reward = "rewards=[{name: jpeg, scorer: jpeg_compressibility}]"
     # every sample qualifies (the demo recipe gates on composition >= 0.6; this test scores JPEG size)
     replay = ["rollout.replay.weight=1.0", "rollout.replay.top_k=1", "rollout.replay.batch_size=4"]
+    replay.append("rollout.replay.updates=2")
     replay.append("rollout.replay.min_score=-.inf")
     extra = [*RL, reward, f"model.pretrained={random_policy}", "run.keep_checkpoints=3", *replay, *ONE_THREAD]
 
@@ -184,8 +185,12 @@ def test_sol_rl_with_replay_trains_on_its_best_samples_and_resumes_exactly(
 
     whole = run("whole", 3)
     assert [r["replay/size"] for r in whole] == [2.0, 4.0, 6.0]  # 2 prompts a step, the best of each
-    assert all(math.isfinite(r["replay/loss"]) and r["replay/loss"] > 0 for r in whole)
+    for key in ("replay/loss", "replay/updates_loss"):
+        assert all(math.isfinite(r[key]) and r[key] > 0 for r in whole), key
     assert (tmp_path / "whole" / "checkpoints" / "step-0000001" / "replay.pt").exists()
+    # three updates a step, one policy version: the published weights are version 3 after 3 steps
+    last = json.loads((tmp_path / "whole" / "checkpoints" / "step-0000003" / "controller.json").read_text())
+    assert last["version"] == 3
 
     assert len(run("resumed", 1)) == 1
     # as if stopped after step 1's checkpoint (a finished run under other settings would start afresh)
@@ -194,5 +199,5 @@ def test_sol_rl_with_replay_trains_on_its_best_samples_and_resumes_exactly(
     assert not list(tmp_path.glob("resumed.stale-*"))
     assert [r["step"] for r in resumed] == [1.0, 2.0, 3.0]
     for got, want in zip(resumed[1:], whole[1:], strict=True):
-        for key in ("learner/loss", "replay/loss", "replay/size", "replay/score"):
+        for key in ("learner/loss", "replay/loss", "replay/updates_loss", "replay/size", "replay/score"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), (got["step"], key)

@@ -310,8 +310,9 @@ def test_reward_service_down_past_its_budget_stops_with_a_resumable_checkpoint(
 # ---------------------------------------------------------------------------------------------- learner
 def forward_backward_of(step: int) -> int:
     """The 0-based `LearnerGroup.forward_backward` call that starts `step` of a fault run: each step makes
-    two, the replay buffer's batch and then the NFT batch (the buffer admits before step 1's draw)."""
-    return 2 * (step - 1)
+    two, the replay buffer's batch and then the NFT batch (the buffer admits before step 1's draw), then
+    one per replay-only update of the recipe's."""
+    return (2 + load_recipe(RECIPE).rollout.replay.updates) * (step - 1)
 
 
 def _kill_rank0_on(

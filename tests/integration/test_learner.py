@@ -166,6 +166,24 @@ def test_nonfinite_step_is_skipped_and_counted(groups: tuple[LearnerGroup, Learn
     assert g2.optim_step()[0] == before_version + 1
 
 
+def test_update_within_a_round_moves_the_weights_and_keeps_the_version(
+    groups: tuple[LearnerGroup, LearnerGroup],
+) -> None:
+    """optim_step(advance=False) (best-sample replay's further updates): the weights and NFT's old policy
+    move, the version does not; the next ordinary step advances it by one."""
+    g2, _ = groups
+    g2.forward_backward(_batch("nft", seed=40))  # NFT's old policy exists from here on
+    version = g2.optim_step()[0]
+    before = g2.state_for_rollout().state  # under NFT the generators get the old policy
+    g2.forward_backward(_batch("fm", seed=41))
+    got, step = g2.optim_step(advance=False)
+    assert got == version == g2.counters()["version"] and step["skipped"] == 0.0
+    after = g2.state_for_rollout().state
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the old policy did not follow"
+    g2.forward_backward(_batch("nft", seed=42))
+    assert g2.optim_step()[0] == version + 1
+
+
 def test_dead_rank_raises_learner_failed_then_restores(
     groups: tuple[LearnerGroup, LearnerGroup], tmp_path: Path
 ) -> None:

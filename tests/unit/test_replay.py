@@ -93,6 +93,9 @@ def test_batch_is_seeded_weighted_and_splits_over_ranks() -> None:
     assert torch.equal(a.x0[:, 0, 0, 0], a.text[:, 0, 0])
     assert a.shard(0, 1).loss_weight == 2.5
     assert replay_seed(0, 1) != replay_seed(0, 2) != replay_seed(1, 2)
+    # the replay-only updates of a step draw afresh, and never what another step's own update draws
+    draws = {replay_seed(0, step, k) for step in range(1, 1001) for k in range(4)}
+    assert len(draws) == 4000 and replay_seed(0, 1, 0) == replay_seed(0, 1)
 
 
 def test_state_round_trips_through_torch_save(tmp_path: Path) -> None:
