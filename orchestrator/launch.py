@@ -159,11 +159,39 @@ def changed_settings(cfg: RunConfig) -> list[str]:
     filled = {"run.init_from"} if cfg.run.init_recipe and cfg.run.init_from is None else set()
     if cfg.run.init_recipe or cfg.run.init_from:
         filled.add("model.pretrained")
+
+    def differs(key: str) -> bool:
+        if key in saved:
+            return bool(saved[key] != now.get(key))
+        # a setting added to the schema since the run saved its config: only a non-default value is an edit
+        return bool(now.get(key) != _schema_default(cfg, key))
+
     return sorted(
         k
         for k in saved.keys() | now.keys()
-        if saved.get(k) != now.get(k) and k not in filled and not k.startswith(("cluster.", "logging."))
+        if differs(k) and k not in filled and not k.startswith(("cluster.", "logging."))
     )
+
+
+def _schema_default(cfg: RunConfig, dotted: str) -> Any:
+    """The saved form of the value a recipe gets for `dotted` by leaving it out; a fresh object (equal to
+    nothing saved) where the setting has no default or is not a dataclass field."""
+    import dataclasses
+
+    from orchestrator.schema import to_dict
+
+    *parents, name = dotted.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part, None)
+    if not dataclasses.is_dataclass(obj):
+        return object()
+    for f in dataclasses.fields(obj):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return to_dict(f.default)
+        if f.name == name and f.default_factory is not dataclasses.MISSING:
+            return to_dict(f.default_factory())
+    return object()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -87,6 +87,14 @@ def test_a_finished_stage_made_from_another_recipe_version_is_detected_and_set_a
     )
     assert changed_settings(edited) == ["learner.optim.decay_steps", "learner.optim.lr", "run.steps"]
 
+    # A run saved before a setting existed: the setting at its default is no edit, at another value it is.
+    (cfg.output_dir / "config.yaml").write_text(dump_config(cfg).replace("    updates: 0\n", ""))
+    assert "updates" not in (cfg.output_dir / "config.yaml").read_text()
+    assert changed_settings(cfg) == []
+    later = load_recipe(recipe, [f"run.output_dir={tmp_path / 'pre'}", "rollout.replay.updates=2"])
+    assert changed_settings(later) == ["rollout.replay.updates"]
+    (cfg.output_dir / "config.yaml").write_text(dump_config(cfg))
+
     # A stage that itself starts from another: launch fills run.init_from and model.pretrained in before
     # saving, and those must not read as edits.
     chained = load_recipe(RECIPES[0].parent / "tiny.yaml", [f"run.output_dir={tmp_path / 'rl'}"])
