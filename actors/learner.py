@@ -9,10 +9,11 @@ Extra policies are kept as *slots*: copies of the trainable parameters sharded e
 swapped into the shards for a no-grad forward. "old" is DiffusionNFT's EMA policy; "ref" is the policy
 as it was when the objective first ran (the KL anchor and DPO's reference). With LoRA the slots hold
 adapter weights only. "old" moves after every optimizer update (the controller's step, one rollout
-round, is DiffusionNFT's epoch: one update, more with best-sample replay's `updates`) and is what `state_for_rollout` hands the generators under NFT. GRPO's old
-policy is the current BF16 one (ratio 1 at the first update); the truncated importance weight against
-the rollout's own log-probs covers the quantized sampler and staleness. Every random draw (σ, ε) comes
-from the batch seed over the *whole* batch before it is sliced, so R ranks compute what one rank would.
+round, is DiffusionNFT's epoch: one update, more with best-sample replay's `updates`) and is what
+`state_for_rollout` hands the generators under NFT. GRPO's old policy is the current BF16 one (ratio 1
+at the first update); the truncated importance weight against the rollout's own log-probs covers the
+quantized sampler and staleness. Every random draw (σ, ε) comes from the batch seed over the *whole*
+batch before it is sliced, so R ranks compute what one rank would.
 (One file for the rank and the group helper: about 540 lines, most of it the four objectives' plumbing.)
 
     group = LearnerGroup(world_size=2, model_cfg=ModelConfig(), learner_cfg=LearnerConfig(), loss_cfg=LossConfig())
