@@ -293,10 +293,15 @@ class Learner(RankActor):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         with self._policy(slot):
             state = get_model_state_dict(self.model, options=opts)
-        if self.rank != 0:
+            # Copied while the slot is swapped in: on one CPU rank without FSDP (`needs_fsdp`) the "gathered"
+            # tensors are the parameters themselves, which leaving the swap restores to the trained weights.
+            full = (
+                {k: cast(torch.Tensor, v).detach().clone() for k, v in state.items()}
+                if self.rank == 0
+                else None
+            )
+        if full is None:
             return None
-        # Own the memory: the gathered tensors must not alias a swapped-in slot.
-        full = {k: cast(torch.Tensor, v).detach().clone() for k, v in state.items()}
         return merge_lora(full, self.cfg.lora.scale) if self.cfg.lora.enabled else full
 
     def _mean_over_ranks(self, totals: L.Metrics) -> dict[str, float]:

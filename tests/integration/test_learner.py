@@ -16,7 +16,7 @@ from actors.records import TrainBatch
 from policy.checkpoint import latest_complete
 from policy.flow import shifted_sigmas
 from policy.lora import LoRAConfig
-from policy.losses import LossConfig
+from policy.losses import LossConfig, NFTConfig
 from policy.parallelize import OptimConfig
 from policy.sana import ModelConfig, SanaDiT
 
@@ -182,6 +182,25 @@ def test_update_within_a_round_moves_the_weights_and_keeps_the_version(
     assert any(not torch.equal(before[k], after[k]) for k in before), "the old policy did not follow"
     g2.forward_backward(_batch("nft", seed=42))
     assert g2.optim_step()[0] == version + 1
+
+
+def test_one_rank_hands_the_generators_the_old_policy(ray_cluster: object, tmp_path: Path) -> None:
+    """One float32 rank (the demo's learner) runs without FSDP, so its state dict aliases the parameters:
+    the old policy must be copied while it is swapped in, not after the trained weights are back."""
+    loss_cfg = LossConfig(nft=NFTConfig(decay_rate=0.5))  # old = 0.5·θ0 + 0.5·θ1 after the first update
+    group = LearnerGroup(world_size=1, model_cfg=MODEL, learner_cfg=_config(), loss_cfg=loss_cfg, seed=5,
+                         name_prefix="old1")  # fmt: skip
+    try:
+        start = group.state_for_rollout().state
+        group.forward_backward(_batch("nft", seed=50))
+        group.optim_step()
+        trained = SanaDiT.from_pretrained(group.export_diffusers(str(tmp_path / "export"))).state_dict()
+        rollout = group.state_for_rollout().state
+        moved = [k for k in start if not torch.equal(start[k], trained[k])]
+        assert moved and all(not torch.equal(rollout[k], trained[k]) for k in moved)
+        _assert_states_close(rollout, {k: 0.5 * start[k] + 0.5 * trained[k] for k in start}, atol=1e-6)
+    finally:
+        group.shutdown()
 
 
 def test_dead_rank_raises_learner_failed_then_restores(
