@@ -136,17 +136,17 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
 
     eval_prompts = data.eval_prompts(ev.num_prompts)
 
-    def evaluate(guidance: float | None = None) -> dict[str, np.ndarray]:
+    def evaluate(guidance: float | None = None, per_prompt: int = a.eval_seeds) -> dict[str, np.ndarray]:
         if guidance is not None:  # this evaluation only: the recipe's sampler otherwise
             sampler = engine.sampler_cfg
             engine.sampler_cfg = replace(sampler, guidance_scale=guidance)
             try:
-                return evaluate()
+                return evaluate(per_prompt=per_prompt)
             finally:
                 engine.sampler_cfg = sampler
-        flat = [p for p in eval_prompts for _ in range(a.eval_seeds)]
+        flat = [p for p in eval_prompts for _ in range(per_prompt)]
         seeds = [ev.seed + i for i in range(len(flat))]  # as `sana-rl eval --seeds-per-prompt` draws them
-        groups = [i // a.eval_seeds for i in range(len(flat))]
+        groups = [i // per_prompt for i in range(len(flat))]
         parts: dict[str, list[np.ndarray]] = {}
         for lo in range(0, len(flat), 256):
             sl = slice(lo, lo + 256)
@@ -165,6 +165,8 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     before = evaluate()
     extra_g = [float(g) for g in a.eval_guidance.split(",") if g]
     before_g = {g: float(evaluate(g)[head].mean()) for g in extra_g}
+    also = [int(n) for n in a.also_eval_seeds.split(",") if n]
+    before_n = {n: {k: float(v.mean()) for k, v in evaluate(per_prompt=n).items()} for n in also}
     eval_at = {int(s) for s in a.eval_at.split(",") if s}
     curve: dict[int, float] = {}
     train_reward: list[float] = []
@@ -210,6 +212,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     t_train = time.perf_counter() - t0
     after = evaluate()
     after_g = {g: float(evaluate(g)[head].mean()) for g in extra_g}
+    after_n = {n: {k: float(v.mean()) for k, v in evaluate(per_prompt=n).items()} for n in also}
     diff = after[head] - before[head]
 
     import torch.distributed as dist
@@ -224,7 +227,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         "curve": curve, "train_reward_first5": float(np.mean(train_reward[:5])),
         "train_reward_last5": float(np.mean(train_reward[-5:])), "losses_first3": losses[:3],
         "train_s": t_train, "pretrain": a.pretrain_set if a.pretrain else a.pretrained,
-        "guidance_before": before_g, "guidance_after": after_g,
+        "guidance_before": before_g, "guidance_after": after_g, "also_before": before_n, "also_after": after_n,
     }  # fmt: skip
 
 
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--set", action="append", default=[], help="dotted.key=value, as `sana-rl run --set`")
     one.add_argument("--tag", default="run")
     one.add_argument("--eval-seeds", type=int, default=32, help="seeds per evaluation prompt")
+    one.add_argument(
+        "--also-eval-seeds", default="", help="also evaluate at these seeds per prompt (comma-separated)"
+    )
     one.add_argument("--eval-at", default="", help="comma-separated steps to evaluate at on the way")
     one.add_argument("--threads", type=int, default=2)
     one.add_argument("--emb-cache", default=None, help="codec.embedding_cache (no text encoder needed)")
