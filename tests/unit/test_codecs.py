@@ -156,3 +156,38 @@ def test_gemma_path_loads_a_local_decoder(tmp_path: Path) -> None:
     assert enc.width == 32 and emb.shape == (1, 10, 32) and mask.sum() == 5
     with pytest.raises(ValueError, match="text_encoder_path"):
         build_text_encoder(CodecConfig(text_encoder="gemma"))
+
+
+def test_embedding_memo_is_bounded_and_evicts_the_least_recently_used() -> None:
+    enc = CountingEncoder()
+    row = 6 * 8 * 4 + 6  # float32 [6, 8] + bool [6] for a prompt of five words or more
+    memo = EmbeddingCache(lambda: enc, max_bytes=2 * row)
+    long = ["one two three four five", "six seven eight nine ten", "a b c d e f"]
+    first, _ = memo.encode(long[:2])
+    memo.encode([long[0]])  # long[0] is now the most recently used
+    memo.encode([long[2]])  # over the bound: long[1] goes
+    assert len(memo) == 2 and memo.nbytes <= 2 * row
+    calls = len(enc.calls)
+    again, _ = memo.encode([long[0]])
+    assert len(enc.calls) == calls and torch.equal(again[0], first[0])  # still memoised
+    memo.encode([long[1]])
+    assert enc.calls[-1] == [long[1]]  # evicted, so encoded again
+    # a batch larger than the bound still comes back whole and right
+    emb, mask = memo.encode([*long, "x"])
+    want_emb, want_mask = CountingEncoder().encode([*long, "x"])
+    assert torch.equal(mask, want_mask) and torch.equal(
+        emb * mask[..., None], want_emb * want_mask[..., None]
+    )
+    assert memo.nbytes <= 2 * row
+
+
+def test_build_text_encoder_memoises_unless_told_not_to() -> None:
+    memo = build_text_encoder(CodecConfig(text_encoder="random", max_text_tokens=8, embedding_memo_mib=1))
+    assert isinstance(memo, EmbeddingCache) and memo.max_bytes == 2**20
+    plain = build_text_encoder(CodecConfig(text_encoder="random", max_text_tokens=8, embedding_memo_mib=0))
+    assert not isinstance(plain, EmbeddingCache)
+    a, mask = memo.encode(["a red cube", "a blue ball"])
+    b, mask_b = plain.encode(["a red cube", "a blue ball"])
+    assert torch.equal(mask, mask_b) and torch.allclose(a * mask[..., None], b * mask_b[..., None], atol=1e-6)
+    with pytest.raises(ValueError, match="max_bytes"):
+        EmbeddingCache(lambda: plain, "x.parquet", max_bytes=1)
