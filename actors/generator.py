@@ -101,9 +101,15 @@ class RolloutEngine:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings [N, L, Dc] and masks [N, L] on this engine's device; the text encoder's
-        memo (`codec.embedding_memo_mib` or `embedding_cache`) spares re-encoding repeated prompts."""
-        emb, mask = self.text_encoder.encode(prompts)
-        return emb.to(self.device), mask.to(self.device)
+        memo (`codec.embedding_memo_mib` or `embedding_cache`) spares re-encoding repeated prompts.
+        A rollout request repeats each prompt once per seed: each distinct one is fetched and moved once."""
+        distinct = list(dict.fromkeys(prompts))
+        emb, mask = (t.to(self.device) for t in self.text_encoder.encode(distinct))
+        if len(distinct) == len(prompts):
+            return emb, mask
+        row = {p: i for i, p in enumerate(distinct)}
+        index = torch.tensor([row[p] for p in prompts], device=self.device)
+        return emb[index], mask[index]
 
     def _runner(self, precision: str) -> torch.nn.Module:
         """The module that samples in `precision`: the copy itself, or its compiled wrapper.

@@ -71,6 +71,23 @@ def _latents(engine: RolloutEngine, precision: str) -> torch.Tensor:
     return engine.generate(req).latents
 
 
+def test_engine_encodes_each_distinct_prompt_once_and_keeps_the_order() -> None:
+    engine = _engine("nvfp4", "cpu", compile=False)
+    asked: list[list[str]] = []
+    inner = engine.text_encoder.encode
+
+    def spy(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(list(prompts))
+        return inner(prompts)
+
+    engine.text_encoder.encode = spy  # type: ignore[method-assign]
+    prompts = ["a red circle", "two blue squares", "a red circle", "a red circle", "two blue squares"]
+    emb, mask = engine.encode(prompts)
+    assert asked == [["a red circle", "two blue squares"]]
+    want, want_mask = _PromptSeededEncoder().encode(prompts)
+    assert torch.equal(emb, want) and torch.equal(mask, want_mask)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
