@@ -16,6 +16,7 @@ import torch
 
 from actors.records import Rollouts, WeightSnapshot
 from kernels.quantize import Format, QuantConfig, quantize_policy, requantize_
+from orchestrator.weight_sync import WeightEndpoint
 from policy.codecs import CodecConfig, build_image_codec, build_text_encoder, to_uint8
 from policy.flow import SamplerConfig, sample
 from policy.sana import ModelConfig, SanaDiT, build_policy
@@ -178,8 +179,9 @@ class RolloutEngine:
         )
 
 
-class RolloutGeneratorActor:
-    """Ray actor shell around RolloutEngine; created as `generator-{i}` by the controller."""
+class RolloutGeneratorActor(WeightEndpoint):
+    """Ray actor shell around RolloutEngine; created as `generator-{i}` by the controller. A receiver of the
+    collective weight sync (`weights_recv` loads through `load_weights`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         from actors.base import default_device

@@ -406,9 +406,7 @@ class Controller:
 
     def _sync(self, rewind: bool = False) -> None:
         assert self.roles is not None
-        published = self.roles.learners.publish_for_rollout()
-        self.version = published.version
-        self.roles.publish(published, rewind=rewind)
+        self.version = self.roles.sync_weights(rewind=rewind)
 
     def _evaluate(self, tag: str) -> dict[str, float]:
         assert self.roles is not None

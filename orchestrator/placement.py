@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 Role = Literal["learner", "generator", "reward"]
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+WeightSyncMode = Literal["object_store", "collective"]
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a16": 0.52, "nvfp4": 0.5625}
@@ -54,6 +55,11 @@ class ResourcesConfig:
     node), STRICT_SPREAD (one bundle per node)."""
     timeout_s: float = field(default=120.0, metadata={"gt": 0.0})
     """How long to wait for the cluster to grant the bundles before failing with what it lacks."""
+    weight_sync: WeightSyncMode = "object_store"
+    """How RL weights reach the generators: `object_store` (learner rank 0 puts one copy into Ray's object
+    store, every generator reads it) or `collective` (learner rank 0 broadcasts to the generators in their
+    own process group: NCCL when both roles have GPUs, gloo when neither has; the object store then only
+    serves a generator that restarted between two syncs)."""
 
     def validate(self) -> None:
         for role in ("learner", "generator", "reward"):
@@ -67,6 +73,24 @@ class ResourcesConfig:
                 )
             if self.generator_gpus != self.learner_gpus:
                 raise ValueError("generator_gpus: colocated generators share the learner's GPU; set it equal")
+        if self.weight_sync == "collective":
+            if (self.learner_gpus > 0) != (self.generator_gpus > 0):
+                raise ValueError(
+                    "weight_sync: collective needs learner_gpus and generator_gpus both > 0 (NCCL) or both 0 "
+                    f"(gloo), got {self.learner_gpus} and {self.generator_gpus}; use object_store"
+                )
+            if self.colocate and self.learner_gpus > 0:
+                raise ValueError(
+                    "weight_sync: NCCL cannot broadcast between two processes on one GPU (colocate: true); "
+                    "use object_store"
+                )
+
+    @property
+    def weight_backend(self) -> Literal["object_store", "nccl", "gloo"]:
+        """The WeightSync backend the run uses."""
+        if self.weight_sync == "object_store":
+            return "object_store"
+        return "nccl" if self.learner_gpus > 0 else "gloo"
 
 
 @dataclass(kw_only=True, slots=True)

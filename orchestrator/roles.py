@@ -8,6 +8,7 @@ actor options, placement bundles or event loops. Names show up in the Ray dashbo
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from actors.generator import GenerateRequest, RolloutEngine, RolloutGeneratorActor
-from actors.learner import LearnerGroup
+from actors.learner import LearnerFailed, LearnerGroup
 from actors.records import Published, Rewards, Rollouts
 from orchestrator.config import RL_MODES, RunConfig
-from orchestrator.rollout import GeneratorPool
-from orchestrator.weight_sync import WeightSync
+from orchestrator.rollout import GenerationFailed, GeneratorPool
+from orchestrator.weight_sync import BroadcastFailed, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class DataFeed:
                 source.load_state(state[key])
 
 
+def _is_actor(exc: BaseException, handle: Any) -> bool:
+    """Whether a Ray actor error is about this actor."""
+    return getattr(exc, "actor_id", None) == handle._actor_id.hex()
+
+
 def replace_source_order(source: Any) -> list[str]:
     """Prompts for evaluation from a training source's first epoch, without moving its position."""
     saved = source.state()
@@ -128,6 +134,59 @@ class Roles:
     placement_group: Any = None
     reward_hosts: list[Any] = field(default_factory=list)
     sync: WeightSync = field(default_factory=WeightSync)
+
+    def sync_weights(self, *, rewind: bool = False) -> int:
+        """Versioned weight sync from the learner to every generator (or the in-process engine) by the
+        recipe's `resources.weight_sync`; returns the version they now hold. `rewind` allows an older
+        version (after a restore)."""
+        if self.sync.backend != "object_store" and self.pool is not None:
+            return self._broadcast(self.pool, rewind)
+        published = self.learners.publish_for_rollout()
+        self.publish(published, rewind=rewind)
+        return published.version
+
+    def _broadcast(self, pool: GeneratorPool, rewind: bool) -> int:
+        """Collective sync. The group is formed again when any member restarted since it was formed. A
+        failed broadcast can leave receivers waiting inside it, so those that did not finish are restarted
+        (Ray's max_restarts) before anything else: when a generator died the broadcast is retried in a new
+        group, when the learner failed its LearnerFailed goes on to the controller's restore."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        with pool.lock:  # async mode: wait for the groups in flight, as a load does
+            deaths, t0 = 0, time.monotonic()
+            while deaths < pool.max_attempts and time.monotonic() - t0 < pool.restart_timeout_s:
+                source, receivers = self.learners.source, pool.handles
+                try:
+                    if not self.sync.connected(source, receivers):
+                        self.sync.connect(source, receivers)
+                    stats = self.sync.broadcast(rewind=rewind, send=self.learners.broadcast_for_rollout)
+                except (RayActorError, ActorUnavailableError) as exc:  # a member is down before the broadcast
+                    if _is_actor(exc, source):
+                        raise LearnerFailed(0, "weight sync", exc) from exc
+                    log.info("a generator is not back yet for the weight broadcast (%s); waiting", exc)
+                    self.sync.disconnect()
+                    time.sleep(0.5)  # Ray restarts it meanwhile
+                    continue
+                except BroadcastFailed as exc:
+                    self.sync.disconnect()
+                    for i in exc.unfinished:
+                        if i not in exc.dead:
+                            ray.kill(receivers[i], no_restart=False)
+                    if not exc.dead:
+                        raise exc.cause from exc
+                    deaths += 1
+                    pool.stats.restarts += len(exc.dead)
+                    log.warning(
+                        "generators %s died in the weight broadcast; retrying in a new group", exc.dead
+                    )
+                    continue
+                pool.broadcast_done(stats.version)
+                return stats.version
+        raise GenerationFailed(
+            f"weight broadcast: generators died {deaths} times (max_attempts={pool.max_attempts}) or were not "
+            f"back within restart_timeout_s={pool.restart_timeout_s}"
+        )
 
     def publish(self, published: Published, *, rewind: bool = False) -> None:
         """Versioned weight sync: the object-store copy learner rank 0 put (raw buffers, read without
@@ -240,6 +299,8 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         ]  # fmt: skip
         ray.get([h.ready.remote() for h in handles])  # type: ignore[attr-defined]
         pool = GeneratorPool(handles=handles)
+        if res.weight_sync == "collective":
+            pool.fetch_snapshot = lambda: learners.publish_retained().ref
     if not rl or offline_dpo(cfg):
         # SFT, pretraining and offline DPO encode dataset images and captions here (SFT and
         # pretraining, which start no generators, also sample their evaluation here).
@@ -257,6 +318,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         rollout_log=RolloutLog(run_dir / "rollouts"),
         placement_group=pg,
         reward_hosts=hosts,
+        sync=WeightSync(res.weight_backend, timeout_s=cfg.learner.timeout_s),
     )
 
 

@@ -49,6 +49,9 @@ class GeneratorPool:
     """How long one call waits for its replica to come back from Ray's restarts."""
     version: int = -1
     snapshot_ref: Any = None
+    fetch_snapshot: Callable[[], Any] | None = None
+    """Collective sync keeps no object-store copy: a replica that restarts fetches one through this (learner
+    rank 0's retained broadcast) the first time it is needed for the version."""
     stats: PoolStats = field(default_factory=PoolStats)
     lock: threading.RLock = field(default_factory=threading.RLock)
     """Held for a whole generate or load: a sync waits for in-flight groups (async mode)."""
@@ -160,9 +163,15 @@ class GeneratorPool:
         )
         return self._retry(replica, f"generating for v{self.version}", first, regenerate)
 
+    def broadcast_done(self, version: int) -> None:
+        """Every replica received `version` by a collective broadcast (no object-store copy made yet)."""
+        self.version, self.snapshot_ref = version, None
+
     def _load_one(self, replica: int) -> int:
         import ray
 
+        if self.snapshot_ref is None and self.fetch_snapshot is not None:
+            self.snapshot_ref = self.fetch_snapshot()
         return int(ray.get(self.handles[replica].load_weights.remote(self.snapshot_ref)))
 
     def _retry(self, replica: int, what: str, first: BaseException, call: Callable[[int], T]) -> T:

@@ -11,13 +11,16 @@ tensor travel as a raw uint8 buffer instead, mapped zero-copy by the reader (~2-
     stats = sync.deliver(generator_handles, published)           # every generator answers its version
     sync.publish(snapshot)                                       # or put a snapshot from this process
 
-Collective (GPU: NCCL; CPU: gloo, which the tests use): learner rank 0 and the generators form their own
-process group, separate from the learner's FSDP group, and rank 0 broadcasts header, names and
-dtype-bucketed flat buffers. Actors take part by mixing in `WeightEndpoint`.
+Collective (GPU: NCCL; CPU: gloo, which the tests use; a run's `resources.weight_sync: collective`):
+learner rank 0 and the generators form their own process group, separate from the learner's FSDP group,
+and rank 0 broadcasts header, names and dtype-bucketed flat buffers. Actors take part by mixing in
+`WeightEndpoint`. A process group cannot take in a restarted process, so the run forms a new group when
+any member restarted (`connected` is False); `Roles.sync_weights` owns that and the failure handling.
 
     sync = WeightSync(backend="nccl")
-    sync.connect(source=learner_rank0, receivers=generator_handles)
-    stats = sync.broadcast()
+    if not sync.connected(learner_rank0, generator_handles):
+        sync.connect(source=learner_rank0, receivers=generator_handles)
+    stats = sync.broadcast(send=learners.broadcast_for_rollout)  # every FSDP rank gathers, rank 0 sends
 
 Versions: `publish` refuses a version older than the last one (a restore passes `rewind=True`), and a
 sync succeeds only when every generator reports the published version. Generator actors run one call at a
@@ -32,7 +35,7 @@ import datetime
 import json
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +50,17 @@ BUCKET_BYTES = 256 * 2**20
 
 class WeightSyncError(RuntimeError):
     """A sync that could not guarantee every generator holds the published version."""
+
+
+class BroadcastFailed(WeightSyncError):
+    """A collective sync that failed on either side. `unfinished`: receivers (by index) that returned no
+    version, dead or perhaps still waiting inside the broadcast; `dead`: those whose process died."""
+
+    def __init__(self, cause: BaseException, unfinished: list[int], dead: list[int]) -> None:
+        super().__init__(
+            f"broadcast failed ({type(cause).__name__}: {cause}); receivers {unfinished} unfinished, {dead} dead"
+        )
+        self.cause, self.unfinished, self.dead = cause, unfinished, dead
 
 
 @dataclass(kw_only=True, slots=True)
@@ -185,20 +199,23 @@ class WeightChannel:
 class WeightEndpoint:
     """Mixin for Ray actors taking part in the collective path. The source (learner rank 0) implements
     `weights_snapshot() -> WeightSnapshot`; receivers (generators) implement `load_weights(snapshot) -> int`.
+    A restarted actor is in no group (`weights_group()` is None) until the controller forms a new one.
     """
 
-    _weights_listener: socket.socket | None = None
+    _weights_listeners: list[socket.socket] | None = None
     _weights_channel: WeightChannel | None = None
+    _weights_group_id: str | None = None
     weights_bucket_bytes: int = BUCKET_BYTES
 
     def weights_listen(self) -> tuple[str, int]:
-        """Source only: open the group's rendezvous on this node's address; returns (address, port)."""
+        """Source only: open a new group's rendezvous on this node's address; returns (address, port).
+        Earlier listeners stay open: a store that was built on one keeps using its socket."""
         import ray
 
         host = ray.util.get_node_ip_address()
-        if self._weights_listener is None:
-            self._weights_listener = WeightChannel.listen(host)
-        return host, int(self._weights_listener.getsockname()[1])
+        listener = WeightChannel.listen(host)
+        self._weights_listeners = [*(self._weights_listeners or []), listener]
+        return host, int(listener.getsockname()[1])
 
     def weights_join(
         self,
@@ -216,10 +233,16 @@ class WeightEndpoint:
         host = ray.util.get_node_ip_address()
         if backend == "nccl" and host.startswith("127."):
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # keep NCCL's bootstrap on loopback too
+        listener = self._weights_listeners[-1] if rank == 0 and self._weights_listeners else None
         self._weights_channel = WeightChannel.join(
             rank=rank, world=world, address=address, port=port, backend=backend, bind_host=host,
-            listener=self._weights_listener, timeout_s=timeout_s,
+            listener=listener, timeout_s=timeout_s,
         )  # fmt: skip
+        self._weights_group_id = f"{address}:{port}"
+
+    def weights_group(self) -> str | None:
+        """The group this actor is a member of (its rendezvous address), None before any join."""
+        return self._weights_group_id
 
     def weights_send(self) -> tuple[int, int]:
         """Source: broadcast the current snapshot; returns (version, bytes)."""
@@ -246,6 +269,7 @@ class WeightSync:
         self.last_version = -1
         self._source: Any = None
         self._receivers: list[Any] = []
+        self._group_id: str | None = None
 
     def _check_version(self, version: int, rewind: bool) -> None:
         if version < self.last_version and not rewind:
@@ -291,14 +315,19 @@ class WeightSync:
         return SyncStats(version=pub.version, nbytes=pub.nbytes, seconds=pub.put_s + time.perf_counter() - t0)
 
     def connect(self, source: Any, receivers: Sequence[Any]) -> None:
-        """Form the broadcast group: source is rank 0, receivers 1..n (all `WeightEndpoint` actors)."""
+        """Form the broadcast group: source is rank 0, receivers 1..n (all `WeightEndpoint` actors). Called
+        again after a member restarted, every member joins a new group (a process group cannot take in a
+        new process)."""
         import ray
 
         if self.backend == "object_store":
             raise WeightSyncError("connect is for the nccl/gloo backends")
+        members = [source, *receivers]
+        # Every member must answer first: one that is restarting would fail its join at once and leave the
+        # others waiting in the rendezvous until the timeout.
+        ray.get([m.weights_group.remote() for m in members], timeout=self.timeout_s)
         address, port = ray.get(source.weights_listen.remote(), timeout=self.timeout_s)
         world = 1 + len(receivers)
-        members = [source, *receivers]
         ray.get(
             [
                 m.weights_join.remote(r, world, address, port, self.backend, self.timeout_s)
@@ -307,21 +336,69 @@ class WeightSync:
             timeout=self.timeout_s,
         )
         self._source, self._receivers = source, list(receivers)
+        self._group_id = f"{address}:{port}"
 
-    def broadcast(self, *, rewind: bool = False) -> SyncStats:
-        """One collective sync of the source's current snapshot to every receiver."""
+    def connected(self, source: Any, receivers: Sequence[Any]) -> bool:
+        """Whether these very members (none restarted since) form the current group."""
+        import ray
+
+        if self._source is None or self._group_id is None:
+            return False
+        members = [source, *receivers]
+        if [m._actor_id for m in members] != [m._actor_id for m in [self._source, *self._receivers]]:
+            return False
+        groups = ray.get([m.weights_group.remote() for m in members], timeout=self.timeout_s)
+        return all(g == self._group_id for g in groups)
+
+    def broadcast(
+        self, *, rewind: bool = False, send: Callable[[], tuple[int, int]] | None = None
+    ) -> SyncStats:
+        """One collective sync of the source's current snapshot to every receiver. `send` runs the source's
+        side when more than the source takes part (every FSDP rank gathers, rank 0 sends); it returns
+        (version, bytes). The receivers' calls go out first: each waits in the broadcast for the source."""
         import ray
 
         if self._source is None:
             raise WeightSyncError("broadcast before connect")
         t0 = time.perf_counter()
-        sent = self._source.weights_send.remote()
-        got = ray.get([r.weights_recv.remote() for r in self._receivers], timeout=self.timeout_s)
-        version, nbytes = ray.get(sent, timeout=self.timeout_s)
+        got_refs = [r.weights_recv.remote() for r in self._receivers]
+        try:
+            if send is None:
+                version, nbytes = ray.get(self._source.weights_send.remote(), timeout=self.timeout_s)
+            else:
+                version, nbytes = send()
+            got = ray.get(got_refs, timeout=self.timeout_s)
+        except Exception as exc:
+            raise BroadcastFailed(exc, *_unfinished(got_refs)) from exc
         self._check_version(version, rewind)
         _expect(got, version)
         self.last_version = version
         return SyncStats(version=version, nbytes=nbytes, seconds=time.perf_counter() - t0)
+
+    def disconnect(self) -> None:
+        """Forget the group (after a failed broadcast): the next sync forms a new one."""
+        self._source, self._receivers, self._group_id = None, [], None
+
+
+def _unfinished(refs: list[Any], grace_s: float = 2.0) -> tuple[list[int], list[int]]:
+    """Which receivers' calls gave no version (after `grace_s` for the rest to finish), and which died."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    unfinished, dead = [], []
+    for i, ref in enumerate(refs):
+        if ref not in done:
+            unfinished.append(i)
+            continue
+        try:
+            ray.get(ref)
+        except RayActorError:
+            unfinished.append(i)
+            dead.append(i)
+        except Exception:
+            unfinished.append(i)
+    return unfinished, dead
 
 
 def _expect(got: list[int], version: int) -> None:
@@ -333,6 +410,7 @@ def _expect(got: list[int], version: int) -> None:
 
 
 __all__ = [
+    "BroadcastFailed",
     "Published",
     "SyncStats",
     "WeightChannel",

@@ -122,16 +122,6 @@ def _actor_pid(handle: Any) -> int:
     return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60))
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_policy(tmp_path_factory.getbasetemp() / "fault-policy")
-
-
-@pytest.fixture(scope="module")
-def baseline(ray_cluster: object, policy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return uninterrupted(tmp_path_factory)
-
-
 # ---------------------------------------------------------------------------------------------- generator
 def test_generator_killed_mid_generation_or_mid_sync_restarts_and_regenerates_the_same_rollouts(
     baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -53,11 +53,24 @@ def test_colocated_plan_shares_a_bundle_and_splits_its_gpu() -> None:
         ({"reward_cpus": 0.0}, "resources.reward_cpus"),
         ({"learner_gpus": -1}, "resources.learner_gpus"),
         ({"strategy": "TIGHT"}, "resources.strategy"),
+        ({"weight_sync": "collective", "learner_gpus": 1.0}, "resources.weight_sync"),
+        (
+            {"weight_sync": "collective", "colocate": True, "learner_gpus": 1.0, "generator_gpus": 1.0},
+            "resources.weight_sync",
+        ),
+        ({"weight_sync": "nccl"}, "resources.weight_sync"),
     ],
 )
 def test_bad_resources_name_the_field(data: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         from_dict(ResourcesConfig, data, "resources")
+
+
+def test_collective_weight_sync_picks_nccl_with_gpus_and_gloo_without() -> None:
+    assert ResourcesConfig().weight_backend == "object_store"
+    assert ResourcesConfig(weight_sync="collective").weight_backend == "gloo"
+    gpus = ResourcesConfig(weight_sync="collective", learner_gpus=1, generator_gpus=1)
+    assert gpus.weight_backend == "nccl"
 
 
 def test_check_feasible_names_the_field_and_the_shortfall() -> None:
