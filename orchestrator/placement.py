@@ -59,7 +59,8 @@ class ResourcesConfig:
     """How RL weights reach the generators: `object_store` (learner rank 0 puts one copy into Ray's object
     store, every generator reads it) or `collective` (learner rank 0 broadcasts to the generators in their
     own process group: NCCL when both roles have GPUs, gloo when neither has; the object store then only
-    serves a generator that restarted between two syncs)."""
+    serves a generator that restarted between two syncs, from a CPU copy of the last broadcast that rank
+    0 keeps, the size of the rollout weights)."""
 
     def validate(self) -> None:
         for role in ("learner", "generator", "reward"):
