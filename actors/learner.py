@@ -33,8 +33,8 @@ from typing import Any, cast
 import torch
 
 from actors.base import RankActor
-from actors.records import Published, TrainBatch, WeightSnapshot, pack, state_nbytes
-from orchestrator.weight_sync import WeightEndpoint
+from actors.records import Published, TrainBatch, WeightSnapshot
+from orchestrator.weight_sync import WeightEndpoint, put_snapshot
 from policy import losses as L
 from policy.lora import LoRAConfig
 from policy.parallelize import DType, OptimConfig, lr_at
@@ -65,13 +65,6 @@ class LearnerConfig:
     """Collective timeout: a step whose peer rank stopped answering fails after this long."""
 
 
-def _put(snapshot: WeightSnapshot) -> Any:
-    """The snapshot in Ray's object store as raw buffers (`pack`), read without copies."""
-    import ray
-
-    return ray.put(pack(snapshot))
-
-
 def _shards(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The local shard behind each (DTensor) parameter or slot tensor; in-place ops on it are seen by FSDP."""
     from torch.distributed.tensor import DTensor
@@ -87,9 +80,8 @@ def _accumulate(into: L.Metrics, metrics: L.Metrics, weight: float) -> None:
 
 class Learner(RankActor, WeightEndpoint):
     """One rank of the learner. Created by LearnerGroup as the Ray actor `learner-rank{i}`. Rank 0 is also
-    the source of the collective weight sync (`resources.weight_sync: collective`)."""
-
-    _retained: WeightSnapshot | None = None
+    the source of the collective weight sync (`resources.weight_sync: collective`): every rank calls
+    `weights_send`, which gathers `weights_snapshot` to rank 0 and broadcasts it from there."""
 
     def setup(
         self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, loss_cfg: L.LossConfig, seed: int
@@ -228,43 +220,19 @@ class Learner(RankActor, WeightEndpoint):
         Only the ref travels to the controller and on to the generators: at 1.6B that is 3.2 GB that no
         longer passes through the driver twice per sync."""
         snapshot = self.state_for_rollout()
-        if snapshot is None:
-            return None
-        t0 = time.perf_counter()
-        ref = _put(snapshot)
-        nbytes = state_nbytes(snapshot.state)
-        return Published(
-            version=snapshot.policy_version, ref=ref, nbytes=nbytes, put_s=time.perf_counter() - t0
-        )
+        return None if snapshot is None else put_snapshot(snapshot)
 
     def weights_snapshot(self) -> WeightSnapshot | None:
+        """The collective sync's snapshot: `state_for_rollout` (a fresh copy, so keeping it after the
+        broadcast is safe from later steps)."""
         return self.state_for_rollout()
-
-    def broadcast_for_rollout(self) -> tuple[int, int] | None:
-        """Collective over the learner ranks (the gather), then rank 0 broadcasts the rollout weights to the
-        generators' group and keeps them (`publish_retained`); returns (version, bytes) on rank 0."""
-        from orchestrator.weight_sync import WeightSyncError
-
-        snapshot = self.state_for_rollout()
-        if snapshot is None:
-            return None
-        if self._weights_channel is None:
-            raise WeightSyncError("broadcast_for_rollout before weights_join")
-        nbytes = self._weights_channel.send(snapshot, self.weights_bucket_bytes)
-        self._retained = snapshot  # a fresh copy (_full_state clones): later steps do not change it
-        return snapshot.policy_version, nbytes
 
     def publish_retained(self) -> Published:
         """Rank 0: the last broadcast weights through the object store, for a generator that restarted after
         that broadcast (it was not in the group that received them)."""
-        if self._retained is None:
+        if self.weights_last_sent is None:
             raise RuntimeError("publish_retained: nothing was broadcast yet")
-        t0 = time.perf_counter()
-        ref = _put(self._retained)
-        return Published(
-            version=self._retained.policy_version, ref=ref, nbytes=state_nbytes(self._retained.state),
-            put_s=time.perf_counter() - t0,
-        )  # fmt: skip
+        return put_snapshot(self.weights_last_sent)
 
     def rollout_digest(self) -> tuple[int, str] | None:
         """Collective: (version, sha256 of the rollout weights) on rank 0, to prove a sync landed."""
@@ -593,7 +561,7 @@ class LearnerGroup:
 
     def broadcast_for_rollout(self) -> tuple[int, int]:
         """Every rank gathers, rank 0 broadcasts to the generators' group (they must be receiving)."""
-        version, nbytes = self._call("broadcast_for_rollout")[0]
+        version, nbytes = self._call("weights_send")[0]
         return int(version), int(nbytes)
 
     def publish_retained(self) -> Published:

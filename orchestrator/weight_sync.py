@@ -63,6 +63,19 @@ class BroadcastFailed(WeightSyncError):
         self.cause, self.unfinished, self.dead = cause, unfinished, dead
 
 
+def put_snapshot(snapshot: WeightSnapshot) -> Published:
+    """The snapshot in Ray's object store as raw buffers (`pack`, read without copies), with its version,
+    size and how long the put took."""
+    import ray
+
+    t0 = time.perf_counter()
+    ref = ray.put(pack(snapshot))
+    return Published(
+        version=snapshot.policy_version, ref=ref, nbytes=state_nbytes(snapshot.state),
+        put_s=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
 @dataclass(kw_only=True, slots=True)
 class SyncStats:
     version: int
@@ -206,6 +219,9 @@ class WeightEndpoint:
     _weights_channel: WeightChannel | None = None
     _weights_group_id: str | None = None
     weights_bucket_bytes: int = BUCKET_BYTES
+    weights_last_sent: WeightSnapshot | None = None
+    """The source's last broadcast snapshot, as `weights_snapshot` returned it (for a receiver that
+    restarted after it)."""
 
     def weights_listen(self) -> tuple[str, int]:
         """Source only: open a new group's rendezvous on this node's address; returns (address, port).
@@ -244,12 +260,18 @@ class WeightEndpoint:
         """The group this actor is a member of (its rendezvous address), None before any join."""
         return self._weights_group_id
 
-    def weights_send(self) -> tuple[int, int]:
-        """Source: broadcast the current snapshot; returns (version, bytes)."""
+    def weights_send(self) -> tuple[int, int] | None:
+        """Source: broadcast the current snapshot and keep it (`weights_last_sent`); returns (version,
+        bytes). Where taking the snapshot is itself collective (FSDP ranks gather to rank 0) every rank
+        calls this, and the ranks that get no snapshot (None) return None."""
+        snapshot: WeightSnapshot | None = self.weights_snapshot()  # type: ignore[attr-defined]
+        if snapshot is None:
+            return None
         if self._weights_channel is None:
             raise WeightSyncError("weights_send before weights_join")
-        snapshot: WeightSnapshot = self.weights_snapshot()  # type: ignore[attr-defined]
-        return snapshot.policy_version, self._weights_channel.send(snapshot, self.weights_bucket_bytes)
+        nbytes = self._weights_channel.send(snapshot, self.weights_bucket_bytes)
+        self.weights_last_sent = snapshot
+        return snapshot.policy_version, nbytes
 
     def weights_recv(self) -> int:
         """Receiver: take the broadcast snapshot and load it; returns the version now held."""
@@ -286,17 +308,8 @@ class WeightSync:
 
     def publish(self, snapshot: WeightSnapshot, *, rewind: bool = False) -> Published:
         """Put the (packed) snapshot into the object store once; the previous one is released."""
-        import ray
-
         self._check_version(snapshot.policy_version, rewind)
-        t0 = time.perf_counter()
-        ref = ray.put(pack(snapshot))
-        self.published = Published(
-            version=snapshot.policy_version,
-            ref=ref,
-            nbytes=state_nbytes(snapshot.state),
-            put_s=time.perf_counter() - t0,
-        )
+        self.published = put_snapshot(snapshot)
         self.last_version = snapshot.policy_version
         return self.published
 
@@ -351,7 +364,7 @@ class WeightSync:
         return all(g == self._group_id for g in groups)
 
     def broadcast(
-        self, *, rewind: bool = False, send: Callable[[], tuple[int, int]] | None = None
+        self, *, rewind: bool = False, send: Callable[[], tuple[int, int] | None] | None = None
     ) -> SyncStats:
         """One collective sync of the source's current snapshot to every receiver. `send` runs the source's
         side when more than the source takes part (every FSDP rank gathers, rank 0 sends); it returns
@@ -363,10 +376,14 @@ class WeightSync:
         t0 = time.perf_counter()
         got_refs = [r.weights_recv.remote() for r in self._receivers]
         try:
-            if send is None:
-                version, nbytes = ray.get(self._source.weights_send.remote(), timeout=self.timeout_s)
-            else:
-                version, nbytes = send()
+            sent = (
+                ray.get(self._source.weights_send.remote(), timeout=self.timeout_s)
+                if send is None
+                else send()
+            )
+            if sent is None:
+                raise WeightSyncError("the source took no snapshot (weights_snapshot returned None)")
+            version, nbytes = sent
             got = ray.get(got_refs, timeout=self.timeout_s)
         except Exception as exc:
             raise BroadcastFailed(exc, *_unfinished(got_refs)) from exc
@@ -418,5 +435,6 @@ __all__ = [
     "WeightSync",
     "WeightSyncError",
     "pack",
+    "put_snapshot",
     "state_nbytes",
 ]
