@@ -318,7 +318,9 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
         rollout_log=RolloutLog(run_dir / "rollouts"),
         placement_group=pg,
         reward_hosts=hosts,
-        sync=WeightSync(res.weight_backend, timeout_s=cfg.learner.timeout_s),
+        sync=WeightSync(
+            res.weight_backend, timeout_s=cfg.learner.timeout_s, rendezvous_s=res.weight_rendezvous_s
+        ),
     )
 
 

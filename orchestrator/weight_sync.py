@@ -15,7 +15,9 @@ Collective (GPU: NCCL; CPU: gloo, which the tests use; a run's `resources.weight
 learner rank 0 and the generators form their own process group, separate from the learner's FSDP group,
 and rank 0 broadcasts header, names and dtype-bucketed flat buffers. Actors take part by mixing in
 `WeightEndpoint`. A process group cannot take in a restarted process, so the run forms a new group when
-any member restarted (`connected` is False); `Roles.sync_weights` owns that and the failure handling.
+any member restarted (`connected` is False); `Roles.sync_weights` owns that and the failure handling. A
+group's rendezvous waits `rendezvous_s` for its members, its broadcasts `timeout_s`: a member that dies
+as the group forms costs the short wait, then the group is formed again.
 
     sync = WeightSync(backend="nccl")
     if not sync.connected(learner_rank0, generator_handles):
@@ -107,8 +109,12 @@ def _buckets(meta: list[tuple[str, str, list[int]]], bucket_bytes: int) -> list[
 class WeightChannel:
     """One member of a broadcast group: rank 0 sends snapshots, every other rank receives them."""
 
-    def __init__(self, group: Any, rank: int, device: torch.device, store: Any) -> None:
+    def __init__(
+        self, group: Any, rank: int, device: torch.device, store: Any, timeout: datetime.timedelta
+    ) -> None:
         self.group, self.rank, self.device, self._store = group, rank, device, store
+        self.timeout = timeout
+        """Of each broadcast (the group's own default is the shorter rendezvous timeout)."""
 
     @staticmethod
     def listen(host: str) -> socket.socket:
@@ -131,20 +137,27 @@ class WeightChannel:
         bind_host: str,
         listener: socket.socket | None = None,
         timeout_s: float = 600.0,
+        rendezvous_s: float = 30.0,
     ) -> WeightChannel:
-        """Every member calls this concurrently (the group's constructor is a rendezvous)."""
+        """Every member calls this concurrently (the group's constructor is a rendezvous). It fails after
+        `rendezvous_s` when a member never comes (one that died after the controller saw it alive); the
+        broadcasts themselves wait up to `timeout_s`."""
         import torch.distributed as dist
 
+        # The store waits for its keys with its own timeout and gloo's constructor (the rendezvous) with the
+        # group's, so both get the short one and each broadcast passes the long one. NCCL's constructor
+        # waits for nobody (its communicator is made in the first broadcast, through the store).
+        rendezvous = datetime.timedelta(seconds=min(rendezvous_s, timeout_s))
         timeout = datetime.timedelta(seconds=timeout_s)
         if rank == 0:
             if listener is None:
                 raise ValueError("rank 0 hosts the store: pass the socket from WeightChannel.listen")
             store = dist.TCPStore(
-                address, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                address, port, world, is_master=True, timeout=rendezvous, wait_for_workers=False,
                 master_listen_fd=listener.fileno(),
             )  # fmt: skip
         else:
-            store = dist.TCPStore(address, port, world, is_master=False, timeout=timeout)
+            store = dist.TCPStore(address, port, world, is_master=False, timeout=rendezvous)
         prefixed = dist.PrefixStore("sana-rl-weights", store)
         group: Any
         if backend == "nccl":
@@ -156,15 +169,16 @@ class WeightChannel:
             device = torch.device("cpu")
             gloo = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
             gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
-            gloo._timeout = timeout
+            gloo._timeout = rendezvous
             group = dist.ProcessGroupGloo(prefixed, rank, world, gloo)
-        return cls(group, rank, device, store)
+        return cls(group, rank, device, store, timeout)
 
     def _bcast(self, tensor: torch.Tensor) -> None:
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
+        opts.timeout = self.timeout
         self.group.broadcast([tensor], opts).wait()
 
     def send(self, snapshot: WeightSnapshot, bucket_bytes: int = BUCKET_BYTES) -> int:
@@ -241,6 +255,7 @@ class WeightEndpoint:
         port: int,
         backend: Literal["nccl", "gloo"],
         timeout_s: float,
+        rendezvous_s: float = 30.0,
     ) -> None:
         import os
 
@@ -252,7 +267,7 @@ class WeightEndpoint:
         listener = self._weights_listeners[-1] if rank == 0 and self._weights_listeners else None
         self._weights_channel = WeightChannel.join(
             rank=rank, world=world, address=address, port=port, backend=backend, bind_host=host,
-            listener=listener, timeout_s=timeout_s,
+            listener=listener, timeout_s=timeout_s, rendezvous_s=rendezvous_s,
         )  # fmt: skip
         self._weights_group_id = f"{address}:{port}"
 
@@ -284,9 +299,12 @@ class WeightEndpoint:
 class WeightSync:
     """The controller's side of weight sync, for either backend."""
 
-    def __init__(self, backend: Backend = "object_store", *, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, backend: Backend = "object_store", *, timeout_s: float = 600.0, rendezvous_s: float = 30.0
+    ) -> None:
         self.backend = backend
         self.timeout_s = timeout_s
+        self.rendezvous_s = rendezvous_s
         self.published: Published | None = None
         self.last_version = -1
         self._source: Any = None
@@ -340,16 +358,32 @@ class WeightSync:
         # others waiting in the rendezvous until the timeout.
         ray.get([m.weights_group.remote() for m in members], timeout=self.timeout_s)
         address, port = ray.get(source.weights_listen.remote(), timeout=self.timeout_s)
-        world = 1 + len(receivers)
-        ray.get(
-            [
-                m.weights_join.remote(r, world, address, port, self.backend, self.timeout_s)
-                for r, m in enumerate(members)
-            ],
-            timeout=self.timeout_s,
-        )
+        self._join(members, address, port)
         self._source, self._receivers = source, list(receivers)
         self._group_id = f"{address}:{port}"
+
+    def _join(self, members: list[Any], address: str, port: int) -> None:
+        """Every member joins the group at address:port. A receiver that died after the liveness check
+        leaves the others in the rendezvous until `rendezvous_s`: BroadcastFailed then names it, and the
+        caller forms a new group with its restarted process, as after a failed broadcast."""
+        import ray
+
+        refs = [
+            m.weights_join.remote(
+                r, len(members), address, port, self.backend, self.timeout_s, self.rendezvous_s
+            )
+            for r, m in enumerate(members)
+        ]
+        try:
+            ray.get(refs, timeout=self.timeout_s)
+        except Exception as exc:
+            # the others leave the rendezvous within rendezvous_s; one still in it after that is stuck
+            _, dead = _unfinished(refs[1:], grace_s=self.rendezvous_s + 2.0)
+            if not dead:  # the source failed, or a join failed for another reason: not retried here
+                raise
+            _, waiting = ray.wait(refs[1:], num_returns=len(refs) - 1, timeout=0)
+            stuck = [i for i, ref in enumerate(refs[1:]) if ref in waiting]
+            raise BroadcastFailed(exc, sorted({*stuck, *dead}), dead) from exc
 
     def connected(self, source: Any, receivers: Sequence[Any]) -> bool:
         """Whether these very members (none restarted since) form the current group."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,43 @@ def test_generator_killed_between_or_during_syncs_rejoins_a_new_group(
     assert connects[0] >= 3
     assert summary["steps"] == 3 and summary["weights_in_sync"] is True
     assert summary["generator"]["restarts"] >= 2
+    assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
+    assert_same_steps(tmp_path, baseline, range(1, 4))
+
+
+def test_generator_dying_as_the_group_forms_is_retried_after_the_rendezvous_timeout(
+    baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generator answers the liveness check, then dies before its join: learner rank 0 waits in the
+    rendezvous only `resources.weight_rendezvous_s` (not `learner.timeout_s`, 600 s), and the group is
+    formed again with the restarted process."""
+    from orchestrator.weight_sync import WeightSync
+
+    pids: list[int] = []
+    seconds: list[float] = []
+    original = WeightSync.connect
+    join = WeightSync._join
+
+    def connect(self: WeightSync, *args: Any) -> None:
+        t0 = time.monotonic()
+        try:
+            original(self, *args)
+        finally:
+            seconds.append(time.monotonic() - t0)
+
+    def join_after_a_death(self: WeightSync, members: list[Any], *args: Any) -> None:
+        if not pids:  # the first group: its members all answered weights_group a moment ago
+            pids.append(_actor_pid(members[1]))
+            _sigkill_and_wait(pids[-1])
+        join(self, members, *args)
+
+    monkeypatch.setattr(WeightSync, "connect", connect)
+    monkeypatch.setattr(WeightSync, "_join", join_after_a_death)
+    summary = run_faulty(tmp_path, policy, steps=3, extra=(*COLLECTIVE, "resources.weight_rendezvous_s=5"))
+
+    assert len(pids) == 1 and summary["generator"]["restarts"] >= 1
+    assert len(seconds) >= 2 and all(s < 60 for s in seconds), seconds  # the failed one included
+    assert summary["steps"] == 3 and summary["weights_in_sync"] is True
     assert rollouts(tmp_path, 3) == rollouts(baseline, 3)
     assert_same_steps(tmp_path, baseline, range(1, 4))
 
