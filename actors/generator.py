@@ -16,7 +16,7 @@ import torch
 
 from actors.records import Rollouts, WeightSnapshot
 from kernels.quantize import Format, QuantConfig, quantize_policy, requantize_
-from orchestrator.weight_sync import WeightEndpoint
+from orchestrator.weight_channel import WeightEndpoint
 from policy.codecs import CodecConfig, build_image_codec, build_text_encoder, to_uint8
 from policy.flow import SamplerConfig, sample
 from policy.sana import ModelConfig, SanaDiT, build_policy

@@ -34,7 +34,8 @@ import torch
 
 from actors.base import RankActor
 from actors.records import Published, TrainBatch, WeightSnapshot
-from orchestrator.weight_sync import WeightEndpoint, put_snapshot
+from orchestrator.weight_channel import WeightEndpoint
+from orchestrator.weight_sync import put_snapshot
 from policy import losses as L
 from policy.lora import LoRAConfig
 from policy.parallelize import DType, OptimConfig, lr_at

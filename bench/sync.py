@@ -19,7 +19,8 @@ import torch
 
 from actors.records import WeightSnapshot
 from bench.harness import Row, Timing, measure, measure_pair
-from orchestrator.weight_sync import WeightEndpoint, WeightSync, state_nbytes
+from orchestrator.weight_channel import WeightEndpoint
+from orchestrator.weight_sync import WeightSync, state_nbytes
 
 SUITE = "sync"
 TARGET_GBPS = 1.0

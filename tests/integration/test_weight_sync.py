@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from actors.records import WeightSnapshot
-from orchestrator.weight_sync import (
-    WeightEndpoint,
-    WeightSync,
-    WeightSyncError,
-    _buckets,
-    pack,
-    state_nbytes,
-)
+from orchestrator.weight_channel import WeightEndpoint, _buckets
+from orchestrator.weight_sync import WeightSync, WeightSyncError, pack, state_nbytes
 
 
 def make_state(seed: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from actors.records import WeightSnapshot
-from orchestrator.weight_sync import WeightEndpoint, WeightSync, state_nbytes
+from orchestrator.weight_channel import WeightEndpoint
+from orchestrator.weight_sync import WeightSync, state_nbytes
 
 pytestmark = [
     pytest.mark.gpu,

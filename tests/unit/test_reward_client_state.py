@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rewards.client import ResultCache, RunningNorm, _Row, item_hashes
+from rewards.client import RunningNorm
+from rewards.service import ResultCache, _Row, item_hashes
 
 
 def test_running_norm_equals_whole_data_moments_and_round_trips() -> None:
