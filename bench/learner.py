@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from actors.learner import LearnerConfig, LearnerGroup
+from actors.learner import LearnerConfig
+from actors.learner_group import LearnerGroup
 from actors.records import TrainBatch
 from bench.harness import Row, Timing, measure_pair, speed_row
 from policy.lora import LoRAConfig

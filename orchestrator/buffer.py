@@ -11,17 +11,27 @@ while the buffer is full, which bounds memory and staleness alike.
     item = buf.get(current_version=learner_version, timeout=60.0)      # controller
     if item is not None: train(item.payload, weight=item.weight)
 
-Pure Python, thread-safe; no Ray inside.
+`AsyncProducer` is the thread that fills it in a run. Pure Python, thread-safe; no Ray inside.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeAlias, TypeVar
+
+if TYPE_CHECKING:
+    from actors.records import TrainBatch
 
 T = TypeVar("T")
+Produced: TypeAlias = "tuple[TrainBatch | None, dict[str, float]]"
+"""One produced batch (None: nothing to train this round) and the metrics of producing it."""
+
+
+class ProducerStopped(RuntimeError):
+    """The producer thread failed (its error is the cause) or was stopped."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,4 +207,56 @@ class StalenessBuffer(Generic[T]):
             return n
 
 
-__all__ = ["AsyncConfig", "BufferState", "Delivered", "StalenessBuffer"]
+class AsyncProducer:
+    """Asynchronous mode: a thread produces rollout batches (generate, score, select) into a bounded
+    buffer while the learner trains. Every batch carries the policy version that sampled it, and the
+    buffer never hands out one older than `pipeline.max_staleness` versions (those are dropped, counted).
+    Weight sync takes the generator pool's lock, so a group is never sampled with two versions."""
+
+    def __init__(
+        self, make_batch: Callable[[], Produced], version: Callable[[], int], cfg: AsyncConfig
+    ) -> None:
+        """`make_batch` produces one batch (the controller's generate, score, select); `version` is the
+        generators' policy version, which an empty batch is filed under."""
+        self._make_batch, self._version = make_batch, version
+        self.buffer: StalenessBuffer[Produced] = StalenessBuffer.from_config(cfg)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                version = self._version()
+                batch, metrics = self._make_batch()
+                if not self.buffer.put(batch.policy_version if batch else version, (batch, metrics)):
+                    return
+        except BaseException as exc:  # surfaced to the learner loop by next_batch
+            self.error = exc
+            self.buffer.close()
+
+    def next_batch(self, current_version: int) -> Produced:
+        item = self.buffer.get(current_version)
+        if item is None:
+            raise ProducerStopped(f"rollout producer stopped: {self.error!r}") from self.error
+        batch, metrics = item.payload
+        if batch is not None and item.weight != 1.0 and batch.advantages is not None:
+            batch.advantages = batch.advantages * item.weight  # stale_policy: reweight
+        return batch, {
+            **metrics,
+            "staleness": float(item.staleness),
+            "queue_depth": float(len(self.buffer)),
+            "stale_dropped": float(self.buffer.state(keep_items=False).dropped_stale),
+        }
+
+    def stop(self) -> int:
+        """Stop producing; returns how many batches were dropped as too stale over the run."""
+        self._stop.set()
+        dropped = self.buffer.state(keep_items=False).dropped_stale
+        self.buffer.close()
+        self._thread.join(timeout=300)
+        return dropped
+
+
+__all__ = ["AsyncConfig", "AsyncProducer", "BufferState", "Delivered", "ProducerStopped", "StalenessBuffer"]

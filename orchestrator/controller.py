@@ -24,17 +24,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from actors.records import Rewards, Rollouts, TrainBatch
+from orchestrator.buffer import AsyncProducer, ProducerStopped
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.replay import ReplayBuffer, replay_seed
 from orchestrator.roles import Roles, start_roles
-from orchestrator.rollout import advantage_batch, dpo_batch, keep_seeds
+from orchestrator.rollout import advantage_batch, dataset_batch, dpo_batch, grpo_train_steps, keep_seeds
 from policy.codecs import from_uint8
-from policy.flow import drop_captions
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from actors.generator import RolloutEngine
+    pass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,7 +97,7 @@ class Controller:
             if self.step == 0:  # a resumed run evaluated before its first step already
                 before = self._guarded("evaluation before training", partial(self._evaluate, "before")) or {}
             if cfg.run.mode in RL_MODES and cfg.pipeline.enabled:
-                self._producer = AsyncProducer(self)
+                self._producer = self._start_producer()
             end: tuple[dict[str, float], bool | None] | None = None
             while end is None:  # a learner restore in the final phase rewinds; train up to the end again
                 while self.step < cfg.run.steps:
@@ -150,7 +148,7 @@ class Controller:
 
     # ---------------------------------------------------------------- one step
     def _guarded_step(self) -> dict[str, float]:
-        from actors.learner import LearnerFailed
+        from actors.learner_group import LearnerFailed
         from orchestrator.rollout import GenerationFailed
         from rewards.client import RewardServiceDown
 
@@ -177,7 +175,7 @@ class Controller:
         """Run a phase outside the training step (evaluation, checkpoint, export) with the step's fault
         handling. None: a learner rank died and the run was rewound to the last checkpoint, so the caller's
         loop trains the steps after it again (the dead rank's state, and so this phase, is lost)."""
-        from actors.learner import LearnerFailed
+        from actors.learner_group import LearnerFailed
         from orchestrator.rollout import GenerationFailed
         from rewards.client import RewardServiceDown
 
@@ -194,7 +192,7 @@ class Controller:
         """A learner rank died in `where`: restart every rank from the last checkpoint and rewind the run to
         it (run.on_learner_failure=restore, at most run.max_restores times), or stop with RunFailed. A rank
         that dies again during the restore uses up another restore."""
-        from actors.learner import LearnerFailed
+        from actors.learner_group import LearnerFailed
 
         assert self.roles is not None
         ckpt = latest_checkpoint(self.run_dir)
@@ -230,13 +228,21 @@ class Controller:
             break
         self.counters.stale_dropped = stale_dropped
         if self.cfg.run.mode in RL_MODES and self.cfg.pipeline.enabled:
-            self._producer = AsyncProducer(self)
+            self._producer = self._start_producer()
+
+    def _start_producer(self) -> AsyncProducer:
+        pool = self.roles.pool if self.roles else None
+        assert pool is not None
+        return AsyncProducer(self._make_batch, lambda: pool.version, self.cfg.pipeline)
 
     def _train_step(self) -> dict[str, float]:
         assert self.roles is not None
         t0 = time.perf_counter()
         if self._producer is not None:
-            batch, metrics = self._producer.next_batch(self.version)
+            try:
+                batch, metrics = self._producer.next_batch(self.version)
+            except ProducerStopped as exc:
+                raise RunFailed(str(exc)) from exc.__cause__
         elif self.cfg.run.mode in RL_MODES:
             batch, metrics = self._make_batch()
         else:
@@ -526,88 +532,13 @@ class Controller:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
 
-def dataset_batch(
-    engine: RolloutEngine, images: np.ndarray, captions: list[str], caption_dropout: float, seed: int
-) -> tuple[TrainBatch, dict[str, float]]:
-    """A flow-matching batch from dataset records (uint8 [B, H, W, 3] images and their captions), with the
-    step's seed choosing which captions become the empty prompt; `scripts/rl_sweep.py` builds its replayed
-    pretraining steps with it too."""
-    with torch.no_grad():  # frozen codecs
-        x0 = engine.codec.encode(from_uint8(images))
-    captions = drop_captions(captions, caption_dropout, seed)
-    text, mask = engine.encode(captions)
-    batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
-    return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose COMPLETE marker exists; temp folders are never returned."""
     done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
     return done[-1] if done else None
 
 
-def grpo_train_steps(roll: Rollouts, fraction: float, rng: torch.Generator) -> torch.Tensor:
-    """A random subset of the SDE steps to train on (Flow-GRPO trains a fraction of the steps)."""
-    assert roll.sde_mask is not None
-    sde = torch.nonzero(roll.sde_mask).flatten()
-    k = max(1, round(fraction * sde.numel()))
-    return torch.sort(sde[torch.randperm(sde.numel(), generator=rng)[:k]]).values
-
-
 def _asdict(obj: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(obj)
-
-
-class AsyncProducer:
-    """Asynchronous mode: a thread produces rollout batches (generate, score, select) into a bounded
-    buffer while the learner trains. Every batch carries the policy version that sampled it, and the
-    buffer never hands out one older than `pipeline.max_staleness` versions (those are dropped, counted).
-    Weight sync takes the generator pool's lock, so a group is never sampled with two versions."""
-
-    def __init__(self, controller: Controller) -> None:
-        from orchestrator.buffer import StalenessBuffer
-
-        self.c = controller
-        self.buffer: StalenessBuffer[tuple[TrainBatch | None, dict[str, float]]] = (
-            StalenessBuffer.from_config(controller.cfg.pipeline)
-        )
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                assert self.c.roles is not None and self.c.roles.pool is not None
-                version = self.c.roles.pool.version
-                batch, metrics = self.c._make_batch()
-                if not self.buffer.put(batch.policy_version if batch else version, (batch, metrics)):
-                    return
-        except BaseException as exc:  # surfaced to the learner loop by next_batch
-            self.error = exc
-            self.buffer.close()
-
-    def next_batch(self, current_version: int) -> tuple[TrainBatch | None, dict[str, float]]:
-        item = self.buffer.get(current_version)
-        if item is None:
-            raise RunFailed(f"rollout producer stopped: {self.error!r}") from self.error
-        batch, metrics = item.payload
-        if batch is not None and item.weight != 1.0 and batch.advantages is not None:
-            batch.advantages = batch.advantages * item.weight  # stale_policy: reweight
-        return batch, {
-            **metrics,
-            "staleness": float(item.staleness),
-            "queue_depth": float(len(self.buffer)),
-            "stale_dropped": float(self.buffer.state(keep_items=False).dropped_stale),
-        }
-
-    def stop(self) -> int:
-        """Stop producing; returns how many batches were dropped as too stale over the run."""
-        self._stop.set()
-        dropped = self.buffer.state(keep_items=False).dropped_stale
-        self.buffer.close()
-        self._thread.join(timeout=300)
-        return dropped

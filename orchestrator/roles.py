@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from actors.generator import GenerateRequest, RolloutEngine, RolloutGeneratorActor
-from actors.learner import LearnerFailed, LearnerGroup
+from actors.learner_group import LearnerFailed, LearnerGroup
 from actors.records import Published, Rewards, Rollouts
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.rollout import GenerationFailed, GeneratorPool

@@ -1,4 +1,5 @@
-"""The RL rollout stage: fan generation out to generator replicas, score, select, build a TrainBatch.
+"""The RL rollout stage: fan generation out to generator replicas, score, select, build a TrainBatch (and
+the dataset modes' flow-matching batch).
 
 Generator replicas may die mid-call: Ray restarts them (`max_restarts`), and this pool reloads the
 current weights into the restarted replica and regenerates the lost groups. Generation is a pure
@@ -12,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -20,7 +21,14 @@ from actors.generator import GenerateRequest, StaleWeights
 from actors.records import Rewards, Rollouts, TrainBatch
 from kernels.quantize import Format
 from policy.advantage import group_advantages
+from policy.codecs import from_uint8
+from policy.flow import drop_captions
 from policy.selection import best_worst_pairs, select_seeds
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from actors.generator import RolloutEngine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -280,3 +288,25 @@ def keep_seeds(
 ) -> torch.Tensor:
     """Stage-1 -> stage-2 selection (Sol-RL), by the cheap pass's rewards."""
     return select_seeds(rewards.total, rollouts.group_ids, rewards.ok, keep, how, generator)  # type: ignore[arg-type]
+
+
+def grpo_train_steps(roll: Rollouts, fraction: float, rng: torch.Generator) -> torch.Tensor:
+    """A random subset of the SDE steps to train on (Flow-GRPO trains a fraction of the steps)."""
+    assert roll.sde_mask is not None
+    sde = torch.nonzero(roll.sde_mask).flatten()
+    k = max(1, round(fraction * sde.numel()))
+    return torch.sort(sde[torch.randperm(sde.numel(), generator=rng)[:k]]).values
+
+
+def dataset_batch(
+    engine: RolloutEngine, images: np.ndarray, captions: list[str], caption_dropout: float, seed: int
+) -> tuple[TrainBatch, dict[str, float]]:
+    """A flow-matching batch from dataset records (uint8 [B, H, W, 3] images and their captions), with the
+    step's seed choosing which captions become the empty prompt; `scripts/rl_sweep.py` builds its replayed
+    pretraining steps with it too."""
+    with torch.no_grad():  # frozen codecs
+        x0 = engine.codec.encode(from_uint8(images))
+    captions = drop_captions(captions, caption_dropout, seed)
+    text, mask = engine.encode(captions)
+    batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
+    return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}

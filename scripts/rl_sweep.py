@@ -11,7 +11,7 @@
 
 A run here is the controller's Sol-RL step (`Controller._make_batch` and `_train_step`, with best-sample
 replay when the recipe turns it on), after its pretraining
-step (`orchestrator.controller.dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
+step (`orchestrator.rollout.dataset_batch`) when `--pretrain` names a pretraining recipe, with the same objects
 (Learner, RolloutEngine, the reward scorer, keep_seeds, advantage_batch) and the same random draws in the
 same order, but in one process: no Ray, no gRPC, no checkpoints, no logs. On a CPU it reproduces a real
 run's losses and pretrained weights to the digit (the short demo test checks both). On a GPU the
@@ -237,8 +237,8 @@ def pretrain(a: argparse.Namespace) -> Path:
     from actors.generator import RolloutEngine
     from actors.learner import Learner
     from orchestrator.config import load_recipe
-    from orchestrator.controller import dataset_batch
     from orchestrator.roles import DataFeed
+    from orchestrator.rollout import dataset_batch
 
     cfg = load_recipe(a.pretrain, [f"run.seed={a.pretrain_seed}", *a.pretrain_set])
     if a.emb_cache:

@@ -47,7 +47,7 @@ def _count(obj: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_collective_run_equals_the_object_store_run_and_puts_no_snapshot(
     baseline: Path, policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from orchestrator.weight_sync import WeightSync
 
     puts = _count(LearnerGroup, "publish_for_rollout", monkeypatch)
@@ -69,7 +69,7 @@ def test_generator_killed_between_or_during_syncs_rejoins_a_new_group(
     """Step 2's preview: the replica dies with its request, comes back without weights and loads learner rank
     0's retained broadcast from the object store. The sync after step 2: it dies just before the broadcast,
     which fails on both sides and is retried in a group formed with the restarted process."""
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from orchestrator.rollout import GeneratorPool
     from orchestrator.weight_sync import WeightSync
 
@@ -169,7 +169,7 @@ def test_async_mode_broadcasts_between_the_groups_in_flight(
 ) -> None:
     """Async mode samples in a producer thread while the learner trains: the broadcast takes the pool's lock
     as an object-store load does, so no group mixes versions."""
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
 
     puts = _count(LearnerGroup, "publish_for_rollout", monkeypatch)
     summary = run_faulty(tmp_path, policy, steps=3, extra=(*ASYNC, *COLLECTIVE))

@@ -313,7 +313,7 @@ def _kill_rank0_on(
 ) -> None:
     """SIGKILL learner rank 0 just before the `call`-th call(s) (0-based) of `where`, a LearnerGroup or Roles
     method; `pids` gets rank 0's process id at each call."""
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from orchestrator.roles import Roles
 
     owner, method = where.split(".")
@@ -534,7 +534,7 @@ def test_non_finite_rewards_and_gradients_are_skipped_and_counted_until_the_skip
 ) -> None:
     import torch
 
-    from actors.learner import LearnerGroup
+    from actors.learner_group import LearnerGroup
     from actors.records import TrainBatch
     from orchestrator.rollout_log import read_rollout_log
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.learner import LearnerConfig, LearnerFailed, LearnerGroup
+from actors.learner import LearnerConfig
+from actors.learner_group import LearnerFailed, LearnerGroup
 from actors.records import TrainBatch
 from policy.checkpoint import latest_complete
 from policy.flow import shifted_sigmas
