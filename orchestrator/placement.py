@@ -62,9 +62,10 @@ class ResourcesConfig:
     serves a generator that restarted between two syncs, from a CPU copy of the last broadcast that rank
     0 keeps, the size of the rollout weights)."""
     weight_rendezvous_s: float = field(default=30.0, metadata={"gt": 0.0})
-    """Collective sync: how long the members of a new broadcast group wait for each other. A generator
-    that dies in the instant between the controller's liveness check and its join is noticed after this
-    (then the group is formed again with its restarted process); the broadcasts wait `learner.timeout_s`."""
+    """Collective sync over gloo: how long the members of a new broadcast group wait for each other. A
+    generator that dies in the instant between the controller's liveness check and its join is noticed
+    after this (then the group is formed again with its restarted process); the broadcasts wait
+    `learner.timeout_s`. NCCL forms its groups without waiting (the first broadcast connects them)."""
 
     def validate(self) -> None:
         for role in ("learner", "generator", "reward"):

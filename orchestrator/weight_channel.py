@@ -81,16 +81,20 @@ class WeightChannel:
         timeout_s: float = 600.0,
         rendezvous_s: float = 30.0,
     ) -> WeightChannel:
-        """Every member calls this concurrently (the group's constructor is a rendezvous). It fails after
-        `rendezvous_s` when a member never comes (one that died after the controller saw it alive); the
-        broadcasts themselves wait up to `timeout_s`."""
+        """Every member calls this concurrently (the group's constructor is a rendezvous). With gloo it
+        fails after `rendezvous_s` when a member never comes (one that died after the controller saw it
+        alive); the broadcasts themselves wait up to `timeout_s`. With NCCL nobody waits here (a member
+        that never comes fails the first broadcast instead)."""
         import torch.distributed as dist
 
-        # The store waits for its keys with its own timeout and gloo's constructor (the rendezvous) with the
-        # group's, so both get the short one and each broadcast passes the long one. NCCL's constructor
-        # waits for nobody (its communicator is made in the first broadcast, through the store).
-        rendezvous = datetime.timedelta(seconds=min(rendezvous_s, timeout_s))
+        # gloo's constructor is the rendezvous and waits with the group's own timeout (and the store's),
+        # so both get the short one and each broadcast passes the long one. NCCL's constructor waits for
+        # nobody: its communicator is made in the first broadcast, where the receivers wait in the store
+        # while rank 0 still gathers the weights (long at 1.6B), so there the store keeps the long one.
         timeout = datetime.timedelta(seconds=timeout_s)
+        rendezvous = (
+            datetime.timedelta(seconds=min(rendezvous_s, timeout_s)) if backend == "gloo" else timeout
+        )
         if rank == 0:
             if listener is None:
                 raise ValueError("rank 0 hosts the store: pass the socket from WeightChannel.listen")

@@ -8,8 +8,10 @@ import threading
 import time
 
 import pytest
+import torch
 
-from orchestrator.buffer import AsyncConfig, StalenessBuffer
+from actors.records import TrainBatch
+from orchestrator.buffer import AsyncConfig, AsyncProducer, ProducerStopped, StalenessBuffer
 from orchestrator.schema import ConfigError, from_dict
 
 
@@ -111,3 +113,59 @@ def test_async_config_is_strict() -> None:
         from_dict(AsyncConfig, {"stale_policy": "ignore"}, "pipeline")
     with pytest.raises(ConfigError, match=r"^pipeline.max_staleness: must be >= 0"):
         from_dict(AsyncConfig, {"max_staleness": -1}, "pipeline")
+
+
+def _nft_batch(version: int) -> TrainBatch:
+    return TrainBatch(
+        kind="nft", policy_version=version, x0=torch.zeros(2, 1, 1, 1), text=torch.zeros(2, 1, 1),
+        text_mask=torch.ones(2, 1, dtype=torch.bool), advantages=torch.ones(2),
+    )  # fmt: skip
+
+
+def test_producer_hands_out_batches_in_order_with_staleness_and_reweights_stale_ones() -> None:
+    """The producer runs ahead of the learner by the buffer's size; a batch one version old under
+    `reweight` has its advantages scaled by staleness_decay."""
+    made = iter(range(100))
+    version = [0]
+
+    def make() -> tuple[TrainBatch | None, dict[str, float]]:
+        i = next(made)
+        return _nft_batch(version[0]), {"made": float(i)}
+
+    cfg = AsyncConfig(
+        enabled=True, max_staleness=1, buffer_size=2, stale_policy="reweight", staleness_decay=0.5
+    )
+    producer = AsyncProducer(make, lambda: version[0], cfg)
+    try:
+        batch, metrics = producer.next_batch(0)
+        assert batch is not None and metrics["made"] == 0 and metrics["staleness"] == 0
+        assert torch.equal(batch.advantages, torch.ones(2))  # type: ignore[arg-type]
+        version[0] = 1  # the learner stepped and synced: batches made from now on are version 1
+        batch, metrics = producer.next_batch(1)  # made before the sync: one version old
+        assert batch is not None and batch.policy_version == 0 and metrics["staleness"] == 1
+        assert torch.equal(batch.advantages, torch.full((2,), 0.5))  # type: ignore[arg-type]
+    finally:
+        assert producer.stop() == 0
+
+
+def test_producer_error_surfaces_as_producer_stopped_with_its_cause() -> None:
+    def make() -> tuple[TrainBatch | None, dict[str, float]]:
+        raise ValueError("reward service said no")
+
+    producer = AsyncProducer(make, lambda: 0, AsyncConfig(enabled=True))
+    with pytest.raises(ProducerStopped, match="reward service said no") as info:
+        producer.next_batch(0)
+    assert isinstance(info.value.__cause__, ValueError)
+    producer.stop()
+
+
+def test_producer_stop_ends_its_thread_and_counts_stale_drops() -> None:
+    """Batches made by versions the learner has left behind by more than max_staleness are dropped and
+    counted, never handed out; stop() joins the thread even while it waits on a full buffer."""
+    producer = AsyncProducer(lambda: (_nft_batch(0), {}), lambda: 0, AsyncConfig(enabled=True, buffer_size=2))
+    deadline = time.monotonic() + 10
+    while len(producer.buffer) < 2 and time.monotonic() < deadline:  # full: the thread waits in put
+        time.sleep(0.01)
+    producer.buffer.advance(5)  # version 0 is now 5 versions old, past max_staleness=1
+    assert producer.stop() >= 2
+    assert not producer._thread.is_alive()
