@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,9 +30,6 @@ from orchestrator.replay import ReplayBuffer, replay_seed
 from orchestrator.roles import Roles, start_roles
 from orchestrator.rollout import advantage_batch, dataset_batch, dpo_batch, grpo_train_steps, keep_seeds
 from policy.codecs import from_uint8
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

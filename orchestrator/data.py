@@ -14,11 +14,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Unpack
+from typing import Any, Unpack
 
 import numpy as np
 
-from orchestrator.parquet_source import BadRow, DataError, ParquetSource, ReadArgs
+from orchestrator.parquet_source import BadRow, DataError, OnBadRow, ParquetSource, ReadArgs
 from orchestrator.schema import ConfigError
 
 
@@ -184,7 +184,7 @@ class DataConfig:
     """Parquet of preference pairs for offline DPO (caption, jpg_0, jpg_1, label_0)."""
     eval_prompts: str | None = None
     """Parquet of the fixed evaluation prompts, read whole in file order."""
-    on_bad_row: Literal["error", "skip"] = "error"
+    on_bad_row: OnBadRow = "error"
     """error: stop at a bad row (empty prompt, broken image) naming file and row; skip: count and go on."""
     shuffle: bool = True
     """Shuffle row-group order and rows within windows, per epoch, from `seed`."""

@@ -162,13 +162,12 @@ class WeightSync:
         try:
             ray.get(refs, timeout=self.timeout_s)
         except Exception as exc:
-            # the others leave the rendezvous within rendezvous_s; one still in it after that is stuck
-            _, dead = _unfinished(refs[1:], grace_s=self.rendezvous_s + 2.0)
+            # the others leave the rendezvous within rendezvous_s (their failed joins need no restart);
+            # one still in it after that is stuck
+            stuck, dead = _unfinished(refs[1:], grace_s=self.rendezvous_s + 2.0, count_failed=False)
             if not dead:  # the source failed, or a join failed for another reason: not retried here
                 raise
-            _, waiting = ray.wait(refs[1:], num_returns=len(refs) - 1, timeout=0)
-            stuck = [i for i, ref in enumerate(refs[1:]) if ref in waiting]
-            raise BroadcastFailed(exc, sorted({*stuck, *dead}), dead) from exc
+            raise BroadcastFailed(exc, stuck, dead) from exc
 
     def connected(self, source: Any, receivers: Sequence[Any]) -> bool:
         """Whether these very members (none restarted since) form the current group."""
@@ -216,8 +215,11 @@ class WeightSync:
         self._source, self._receivers, self._group_id = None, [], None
 
 
-def _unfinished(refs: list[Any], grace_s: float = 2.0) -> tuple[list[int], list[int]]:
-    """Which receivers' calls gave no version (after `grace_s` for the rest to finish), and which died."""
+def _unfinished(
+    refs: list[Any], grace_s: float = 2.0, *, count_failed: bool = True
+) -> tuple[list[int], list[int]]:
+    """Which receivers' calls gave no version (after `grace_s` for the rest to finish), and which died.
+    `count_failed=False` leaves out calls that returned an error other than their actor's death."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -233,7 +235,8 @@ def _unfinished(refs: list[Any], grace_s: float = 2.0) -> tuple[list[int], list[
             unfinished.append(i)
             dead.append(i)
         except Exception:
-            unfinished.append(i)
+            if count_failed:
+                unfinished.append(i)
     return unfinished, dead
 
 

@@ -26,7 +26,6 @@ The moments are part of the checkpoint (`state()` / `load_state()`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import shlex
 import shutil
@@ -52,7 +51,6 @@ from rewards.service import (
 if TYPE_CHECKING:
     from actors.records import Rewards
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 

@@ -59,6 +59,7 @@ def test_colocated_plan_shares_a_bundle_and_splits_its_gpu() -> None:
             "resources.weight_sync",
         ),
         ({"weight_sync": "nccl"}, "resources.weight_sync"),
+        ({"weight_rendezvous_s": 0}, "resources.weight_rendezvous_s"),
     ],
 )
 def test_bad_resources_name_the_field(data: dict[str, object], field: str) -> None:
