@@ -12,9 +12,10 @@ adapter weights only. "old" moves after every optimizer update (the controller's
 round, is DiffusionNFT's epoch: one update, more with best-sample replay's `updates`) and is what
 `state_for_rollout` hands the generators under NFT. GRPO's old policy is the current BF16 one (ratio 1
 at the first update); the truncated importance weight against the rollout's own log-probs covers the
-quantized sampler and staleness. Every random draw (σ, ε) comes from the batch seed over the *whole*
-batch before it is sliced, so R ranks compute what one rank would. The controller reaches the ranks
-through `LearnerGroup` (actors/learner_group.py).
+quantized sampler and staleness. How each batch kind's micro-batch becomes gradients is in
+actors/objectives.py; every random draw (σ, ε) comes from the batch seed over the *whole* batch before
+it is sliced, so R ranks compute what one rank would. The controller reaches the ranks through
+`LearnerGroup` (actors/learner_group.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import cast
 import torch
 
 from actors.base import RankActor
+from actors.objectives import OBJECTIVES, accumulate, draws
 from actors.records import Published, TrainBatch, WeightSnapshot
 from orchestrator.weight_channel import WeightEndpoint
 from orchestrator.weight_sync import put_snapshot
@@ -67,12 +69,6 @@ def _shards(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return [p.to_local() if isinstance(p, DTensor) else p for p in params]
-
-
-def _accumulate(into: L.Metrics, metrics: L.Metrics, weight: float) -> None:
-    """into[k] += weight * metrics[k]: means over micro-batches, σ draws and steps."""
-    for key, value in metrics.items():
-        into[key] = into[key] + weight * value if key in into else weight * value
 
 
 class Learner(RankActor, WeightEndpoint):
@@ -134,25 +130,29 @@ class Learner(RankActor, WeightEndpoint):
             finally:
                 torch._foreach_copy_(live, saved)
 
-    def _v(
+    def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """float32 velocity [B, C, H, W] at noise level sigma [B]."""
+        """float32 velocity [B, C, H, W] of the trained weights at noise level sigma [B]."""
         d = self.device
         return self.model(x.to(d), (sigma * 1000).to(d), text.to(d), mask.to(d)).float()
 
-    def _v_of(self, slot: str, *args: torch.Tensor) -> torch.Tensor | None:
+    def slot_velocity(
+        self, slot: str, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The same for slot `slot`, no grad; None when this learner keeps no such slot."""
         if slot not in self.slots:
             return None
         with self._policy(slot), torch.no_grad():
-            return self._v(*args)
+            return self.velocity(x, sigma, text, mask)
 
     # ------------------------------------------------------------------------------ endpoints
     def forward_backward(self, batch: TrainBatch) -> dict[str, float]:
         """Accumulate gradients of the batch-mean loss over this rank's shard; returns rank-averaged metrics."""
         kind = batch.kind
         self._ensure_slots(kind)
-        draws = self._draws(batch)
+        drawn_all = draws(batch, self.loss_cfg)
+        objective = OBJECTIVES[kind]
         b = len(batch)
         lo, hi = self.rank * b // self.world_size, (self.rank + 1) * b // self.world_size
         shard = batch.shard(self.rank, self.world_size)
@@ -161,9 +161,9 @@ class Learner(RankActor, WeightEndpoint):
         for start in range(0, n, mb):
             sl = slice(start, min(start + mb, n))
             weight = (sl.stop - sl.start) / n  # micro-batch means, weighted into the shard mean
-            drawn = {k: v[:, lo:hi][:, sl] for k, v in draws.items()}
-            metrics = getattr(self, f"_{kind}")(shard, sl, drawn, weight * batch.loss_weight)
-            _accumulate(totals, metrics, weight)
+            drawn = {k: v[:, lo:hi][:, sl] for k, v in drawn_all.items()}
+            metrics = objective(self, self.loss_cfg, shard, sl, drawn, weight * batch.loss_weight)
+            accumulate(totals, metrics, weight)
         self.samples_seen += b
         out = self._mean_over_ranks(totals)
         out["nonfinite_loss"] = 0.0 if math.isfinite(out["loss"]) else 1.0  # NaN on any rank spreads here
@@ -316,114 +316,6 @@ class Learner(RankActor, WeightEndpoint):
             dist.all_reduce(packed)
             packed /= self.world_size
         return dict(zip(keys, packed.tolist()))
-
-    def _draws(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The batch's σ and ε for all B samples, [K, B, ...] (K draws per sample), from the batch seed."""
-        g = torch.Generator().manual_seed(batch.seed)
-        b, shape = len(batch), tuple(batch.x0.shape)
-        if batch.kind == "grpo":
-            return {}
-        if batch.kind == "nft":
-            k, s = self.loss_cfg.nft.num_sigmas, self.loss_cfg.nft.shift
-            u = torch.rand(k, b, generator=g)
-            sigma = s * u / (1 + (s - 1) * u)  # the sampler's timestep shift (DESIGN.md section 3)
-        else:
-            ln = self.loss_cfg.dpo.sigma if batch.kind == "dpo" else self.loss_cfg.fm.sigma
-            k, sigma = 1, L.sample_sigmas_logit_normal(b, ln.mean, ln.std, g)[None]
-        return {"sigma": sigma, "noise": torch.randn((k, *shape), generator=g)}
-
-    def _fm(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
-        x0, text, mask = shard.x0[sl], shard.text[sl], shard.text_mask[sl]
-        sigma, noise = drawn["sigma"][0], drawn["noise"][0]
-        v = self._v(L.noised(x0, noise, sigma), sigma, text, mask)
-        loss, metrics = L.flow_matching_loss(v, x0.to(v.device), noise.to(v.device))
-        (loss * weight).backward()
-        return metrics
-
-    def _nft(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
-        cfg = self.loss_cfg.nft
-        assert shard.advantages is not None, "nft batch without advantages"
-        x0, text, mask = shard.x0[sl].to(self.device), shard.text[sl], shard.text_mask[sl]
-        adv = shard.advantages[sl].to(self.device)
-        k = drawn["sigma"].shape[0]
-        out: L.Metrics = {}
-        for j in range(k):
-            sigma, noise = drawn["sigma"][j].to(self.device), drawn["noise"][j].to(self.device)
-            xs = L.noised(x0, noise, sigma)
-            v_old = self._v_of("old", xs, sigma, text, mask)
-            v_ref = self._v_of("ref", xs, sigma, text, mask)
-            v = self._v(xs, sigma, text, mask)
-            assert v_old is not None
-            loss, metrics = L.nft_loss(
-                v,
-                v_old,
-                v_ref,
-                x0,
-                xs,
-                sigma,
-                adv,
-                beta=cfg.beta,
-                adv_clip=cfg.adv_clip,
-                kl_weight=cfg.kl_weight,
-            )
-            (loss * weight / k).backward()
-            _accumulate(out, metrics, 1 / k)
-        return out
-
-    def _grpo(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
-        from policy.flow import sde_log_prob
-
-        cfg = self.loss_cfg.grpo
-        if (
-            shard.trajectory is None
-            or shard.sigmas is None
-            or shard.train_steps is None
-            or shard.advantages is None
-        ):
-            raise ValueError("grpo batch needs trajectory, sigmas, train_steps and advantages")
-        traj = shard.trajectory[sl].to(self.device)  # [b, S+1, C, H, W]
-        text, mask = shard.text[sl], shard.text_mask[sl]
-        adv = shard.advantages[sl].to(self.device).clamp(-cfg.adv_clip, cfg.adv_clip)
-        use_is = cfg.is_correction and shard.log_probs is not None
-        steps = [int(j) for j in shard.train_steps]
-        out: L.Metrics = {}
-        for j in steps:
-            x, x_next = traj[:, j], traj[:, j + 1]
-            sigma = shard.sigmas[j].expand(len(x)).to(self.device)
-            sigma_next = shard.sigmas[j + 1].expand(len(x)).to(self.device)
-            mean_ref = None
-            v_ref = self._v_of("ref", x, sigma, text, mask)
-            if v_ref is not None:
-                mean_ref = sde_log_prob(x_next, x, v_ref, sigma, sigma_next, cfg.noise_level)[1][:, None]
-            v = self._v(x, sigma, text, mask)
-            logp, mean, std = sde_log_prob(x_next, x, v, sigma, sigma_next, cfg.noise_level)
-            std_bt = std.expand(x.shape[0], *([1] * (x.dim() - 1))).reshape(-1, 1)  # [b, 1]
-            # Old = the BF16 policy at this version; the IS weight covers quantization and staleness.
-            lp_roll = shard.log_probs[sl][:, j : j + 1].to(self.device) if use_is else None  # type: ignore[index]
-            loss, metrics = L.grpo_loss(
-                logp[:, None], logp.detach()[:, None], adv, clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta,
-                mean_new=mean[:, None], mean_ref=mean_ref, std=std_bt,
-                logp_rollout=lp_roll, is_cap=cfg.is_cap,
-            )  # fmt: skip
-            (loss * weight / len(steps)).backward()
-            _accumulate(out, metrics, 1 / len(steps))
-        return out
-
-    def _dpo(self, shard: TrainBatch, sl: slice, drawn: dict[str, torch.Tensor], weight: float) -> L.Metrics:
-        if shard.x0_rejected is None:
-            raise ValueError("dpo batch needs x0_rejected")
-        b = sl.stop - sl.start
-        xs, target, sigma = L.dpo_pair(
-            shard.x0[sl], shard.x0_rejected[sl], drawn["noise"][0], drawn["sigma"][0]
-        )
-        text, mask = torch.cat([shard.text[sl]] * 2), torch.cat([shard.text_mask[sl]] * 2)
-        v_ref = self._v_of("ref", xs, sigma, text, mask)
-        assert v_ref is not None
-        e_ref = L.velocity_error(v_ref, target.to(self.device))
-        e = L.velocity_error(self._v(xs, sigma, text, mask), target.to(self.device))
-        loss, metrics = L.dpo_loss(e[:b], e_ref[:b], e[b:], e_ref[b:], self.loss_cfg.dpo.beta_dpo)
-        (loss * weight).backward()
-        return metrics
 
 
 __all__ = ["Learner", "LearnerConfig", "OptimConfig"]

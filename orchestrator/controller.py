@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +27,16 @@ from orchestrator.buffer import AsyncProducer, ProducerStopped
 from orchestrator.config import RL_MODES, RunConfig
 from orchestrator.replay import ReplayBuffer, replay_seed
 from orchestrator.roles import Roles, start_roles
-from orchestrator.rollout import advantage_batch, dataset_batch, dpo_batch, grpo_train_steps, keep_seeds
-from policy.codecs import from_uint8
+from orchestrator.rollout import (
+    advantage_batch,
+    dataset_batch,
+    dpo_batch,
+    grpo_train_steps,
+    keep_seeds,
+    preference_batch,
+    reward_metrics,
+)
+from policy.checkpoint import atomic_dir, is_complete, latest_complete, prune
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -300,22 +307,9 @@ class Controller:
     def _preference_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         """Offline Diffusion-DPO: (prompt, preferred, rejected) records from data.preferences."""
         assert self.roles is not None and self.roles.local_engine is not None
-        engine, world = self.roles.local_engine, self.roles.learners.world
+        world = self.roles.learners.world
         n = (self.cfg.learner.batch_size // world) * world
-        prompts, preferred, rejected = self.roles.data.next_preferences(n)
-        with torch.no_grad():  # frozen codecs
-            x_w, x_l = (engine.codec.encode(from_uint8(x)) for x in (preferred, rejected))
-        text, mask = engine.encode(prompts)
-        batch = TrainBatch(
-            kind="dpo",
-            policy_version=-1,
-            x0=x_w,
-            x0_rejected=x_l,
-            text=text,
-            text_mask=mask,
-            seed=self._seed(),
-        )
-        return batch, {"pairs": float(n)}
+        return preference_batch(self.roles.local_engine, *self.roles.data.next_preferences(n), self._seed())
 
     def _make_batch(self) -> tuple[TrainBatch | None, dict[str, float]]:
         """Sample, score and select according to the mode; returns the learner's batch."""
@@ -372,23 +366,16 @@ class Controller:
         assert self.roles is not None
         t0 = time.perf_counter()
         rew = self.roles.rewards.score(roll.images, roll.prompts)
-        dt = time.perf_counter() - t0
-        bad = int((~rew.ok).sum())
+        metrics.update(reward_metrics(roll, rew, stage))
+        metrics[f"time/score_{stage}_s"] = time.perf_counter() - t0
         self.counters.seen_items += len(roll)
-        if bad:
+        if bad := int((~rew.ok).sum()):
             self.counters.skip("reward_failed", bad)
-        ok = rew.ok
-        metrics[f"{stage}/reward_mean"] = float(rew.total[ok].mean()) if ok.any() else float("nan")
-        for name, vals in {**rew.per_scorer, **rew.extras}.items():
-            if ok.any():
-                metrics[f"{stage}/{name}"] = float(vals[ok].mean())
-        if roll.seconds > 0:  # this call's rate (the pool's counters add up the whole run)
-            metrics[f"{stage}/images_per_s"] = len(roll) / roll.seconds
-        metrics[f"time/score_{stage}_s"] = dt
         with self._log_lock:
             # the step these rollouts train (as metrics.jsonl counts), so a restore's drop_after(step)
             # removes exactly the rows of the steps that run again
             self.roles.rollout_log.append(roll, rew, stage=stage, step=self.step + 1)
+            ok = rew.ok
             self.roles.metrics.log_histogram(f"{stage}/reward_hist", rew.total[ok].numpy())
             for name, vals in rew.per_scorer.items():
                 self.roles.metrics.log_histogram(f"{stage}/{name}_hist", vals[ok].numpy())
@@ -402,7 +389,7 @@ class Controller:
             self.roles.rollout_log.drop_stage("eval", self.step)
             self.roles.metrics.drop_prefix("eval/", self.step)
         after = self._evaluate("after")
-        in_sync = self._weights_in_sync()
+        in_sync = self.roles.weights_in_sync()
         self._checkpoint()
         self.roles.learners.export_diffusers(str(self.run_dir / "export"))
         return after, in_sync
@@ -434,17 +421,6 @@ class Controller:
         self.roles.save_grid(roll.images, roll.prompts, self.run_dir / "samples" / f"{tag}.png")
         return out
 
-    def _weights_in_sync(self) -> bool | None:
-        """Every generator holds exactly the learner's rollout weights at the current version."""
-        import ray
-
-        assert self.roles is not None
-        if self.roles.pool is None:
-            return None
-        want = self.roles.learners.rollout_digest()  # hashed on rank 0: the weights stay there
-        got = ray.get([h.digest.remote() for h in self.roles.pool.handles])
-        return all(tuple(g) == want for g in got)
-
     def _seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng))
 
@@ -466,24 +442,21 @@ class Controller:
             log.exception("could not write a checkpoint while stopping")
 
     def _checkpoint(self) -> None:
+        """checkpoints/step-N: the learner ranks' shards, controller.json, replay.pt; written beside and
+        renamed into place with its COMPLETE marker, so a half-written checkpoint is never resumed from."""
         assert self.roles is not None
         root = self.run_dir / "checkpoints"
         final = root / f"step-{self.step:07d}"
-        if (final / "COMPLETE").exists():
+        if is_complete(final):
             return
-        tmp = root / f".tmp-step-{self.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.roles.learners.save(str(tmp / "learner"))
-        (tmp / "controller.json").write_text(json.dumps(self._state()))
-        if self.replay is not None:
-            torch.save(self.replay.state(), tmp / "replay.pt")
-        with self._log_lock:  # rows of the steps this checkpoint covers must outlive a killed driver
-            self.roles.rollout_log.flush()
-        (tmp / "COMPLETE").write_text("ok\n")
-        tmp.rename(final)  # atomic: a half-written checkpoint never has this name
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.run.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            self.roles.learners.save(str(tmp / "learner"))
+            (tmp / "controller.json").write_text(json.dumps(self._state()))
+            if self.replay is not None:
+                torch.save(self.replay.state(), tmp / "replay.pt")
+            with self._log_lock:  # rows of the steps this checkpoint covers must outlive a killed driver
+                self.roles.rollout_log.flush()
+        prune(root, self.cfg.run.keep_checkpoints)
 
     def _state(self) -> dict[str, Any]:
         """The controller's part of a checkpoint: position, RNG, data, reward statistics, counters."""
@@ -531,8 +504,7 @@ class Controller:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose COMPLETE marker exists; temp folders are never returned."""
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
-    return done[-1] if done else None
+    return latest_complete(run_dir / "checkpoints")
 
 
 def _asdict(obj: Any) -> dict[str, Any]:

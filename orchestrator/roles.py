@@ -211,6 +211,17 @@ class Roles:
         )  # fmt: skip
         return self.local_engine.generate(req)
 
+    def weights_in_sync(self) -> bool | None:
+        """Every generator holds exactly the learner's rollout weights at the current version (None: no
+        generators, the in-process engine loads what it is given)."""
+        import ray
+
+        if self.pool is None:
+            return None
+        want = self.learners.rollout_digest()  # hashed on rank 0: the weights stay there
+        got = ray.get([h.digest.remote() for h in self.pool.handles])
+        return all(tuple(g) == want for g in got)
+
     def save_grid(self, images: np.ndarray, captions: list[str], path: Path) -> None:
         from orchestrator.metrics import save_grid
 

@@ -310,3 +310,31 @@ def dataset_batch(
     text, mask = engine.encode(captions)
     batch = TrainBatch(kind="fm", policy_version=-1, x0=x0, text=text, text_mask=mask, seed=seed)
     return batch, {"data/captions_dropped": float(sum(c == "" for c in captions))}
+
+
+def preference_batch(
+    engine: RolloutEngine, prompts: list[str], preferred: np.ndarray, rejected: np.ndarray, seed: int
+) -> tuple[TrainBatch, dict[str, float]]:
+    """An offline Diffusion-DPO batch from preference records (uint8 [B, H, W, 3] preferred and rejected
+    images of each prompt)."""
+    with torch.no_grad():  # frozen codecs
+        x_w, x_l = (engine.codec.encode(from_uint8(x)) for x in (preferred, rejected))
+    text, mask = engine.encode(prompts)
+    batch = TrainBatch(
+        kind="dpo", policy_version=-1, x0=x_w, x0_rejected=x_l, text=text, text_mask=mask, seed=seed
+    )
+    return batch, {"pairs": float(len(prompts))}
+
+
+def reward_metrics(roll: Rollouts, rew: Rewards, stage: str) -> dict[str, float]:
+    """A scored batch's row in metrics.jsonl: means over the items that scored (`stage`/reward_mean, one
+    per scorer and extra) and this call's generation rate."""
+    ok, out = rew.ok, dict[str, float]()
+    out[f"{stage}/reward_mean"] = float(rew.total[ok].mean()) if ok.any() else float("nan")
+    if ok.any():
+        out.update(
+            {f"{stage}/{name}": float(v[ok].mean()) for name, v in {**rew.per_scorer, **rew.extras}.items()}
+        )
+    if roll.seconds > 0:  # this call's rate (the pool's counters add up the whole run)
+        out[f"{stage}/images_per_s"] = len(roll) / roll.seconds
+    return out
