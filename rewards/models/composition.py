@@ -185,6 +185,47 @@ class CompositionScorer:
         return ScoreBatch(scores={"composition": composition}, extras=heads, ok=ok, errors=errors)
 
 
+@dataclass(frozen=True, slots=True)
+class ShapeReading:
+    """How a batch's objects were read back, per shape asked for: a diagnosis the composition score's
+    means hide (RL can raise the shape score by drawing rounder objects, losing its squares)."""
+
+    read_as: dict[str, dict[str, int]]
+    """asked shape -> read shape -> detections. A detection counts for the group of its colour, in
+    images whose prompt names that colour in one group only (so every such detection has one asked shape)."""
+    areas: dict[str, float]
+    """read shape -> mean area in pixels of the detections read as it (all detections)."""
+
+    def rate(self, asked: str, read: str) -> float:
+        """The share of `asked` shapes' detections read as `read` (nan when none was asked)."""
+        row = self.read_as.get(asked, {})
+        total = sum(row.values())
+        return row.get(read, 0) / total if total else float("nan")
+
+
+def read_shapes(
+    images: np.ndarray, prompts: list[str], colour_tolerance: float = 100.0, min_area: float = 0.012
+) -> ShapeReading:
+    """`ShapeReading` of uint8 [N, H, W, 3] images against their prompts (`scripts/shape_report.py` prints
+    one per evaluation of a run)."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"read_shapes: {images.shape[0]} images but {len(prompts)} prompts")
+    asked: list[dict[str, str]] = []  # per image: colour -> shape, for colours named in one group only
+    for prompt in prompts:
+        groups = parse_caption(prompt)
+        colours = [g.colour for g in groups]
+        asked.append({g.colour: g.shape for g in groups if colours.count(g.colour) == 1})
+    read_as = {a: {r: 0 for r in SHAPES} for a in SHAPES}
+    areas: dict[str, list[int]] = {r: [] for r in SHAPES}
+    for d in detect(images, colour_tolerance, min_area):
+        areas[d.shape].append(d.area)
+        if (shape := asked[d.image].get(d.colour)) is not None:
+            read_as[shape][d.shape] += 1
+    return ShapeReading(
+        read_as=read_as, areas={r: float(np.mean(a)) if a else float("nan") for r, a in areas.items()}
+    )
+
+
 def _agreement(expected: np.ndarray, found: np.ndarray) -> dict[str, np.ndarray]:
     """Head name -> float32 [N] from object counts int [N, colours, shapes] asked for and found."""
     e_total = np.maximum(expected.sum((1, 2)), 1)  # an unparseable item has 0; it is masked later
@@ -209,4 +250,4 @@ def _agreement(expected: np.ndarray, found: np.ndarray) -> dict[str, np.ndarray]
     }
 
 
-__all__ = ["CompositionScorer", "Detection", "detect"]
+__all__ = ["CompositionScorer", "Detection", "ShapeReading", "detect", "read_shapes"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from orchestrator.shapes_world import COLOURS, SHAPES, Group, Scene, generate, parse_caption
+from orchestrator.shapes_world import COLOURS, SHAPES, Group, Scene, ShapeSpec, generate, parse_caption
 from rewards.base import RewardModel, make_scorer
-from rewards.models.composition import _components, detect
+from rewards.models.composition import _components, detect, read_shapes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batch(n: int, seed: int, size: int = 32) -> tuple[list[Scene], np.ndarray, list[str]]:
@@ -159,3 +162,55 @@ def test_throughput_at_32px(scorer: RewardModel) -> None:
         best = min(best, time.perf_counter() - start)
     # Measured ~1,500-3,000 images/s on one core; the bound leaves room for a loaded test machine.
     assert 200 / best >= 250, f"{200 / best:.0f} images/s"
+
+
+def test_read_shapes_on_known_scenes_and_a_wrong_shape() -> None:
+    scenes, images, prompts = _batch(120, seed=5)
+    r = read_shapes(images, prompts)
+    for shape in SHAPES:  # clean renders: every asked shape is read as itself
+        assert r.rate(shape, shape) == 1.0 and sum(r.read_as[shape].values()) > 0
+        pixels = [int(o.mask(32).sum()) for s in scenes for o in s.objects if o.shape == shape]
+        assert r.areas[shape] == pytest.approx(np.mean(pixels))  # shapes never touch: one object each
+    # two prompts, one colour asked twice (ambiguous: not counted) and a square drawn as a circle
+    circle = Scene([ShapeSpec("circle", "red", 0.5, 0.5, 0.5)]).render(32)
+    r = read_shapes(np.stack([circle, circle]), ["a red square", "a red square and a red circle"])
+    assert r.read_as["square"] == {"circle": 1, "square": 0, "triangle": 0}
+    assert r.rate("square", "circle") == 1.0 and np.isnan(r.rate("triangle", "triangle"))
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        read_shapes(np.stack([circle, circle]), ["a red square"])
+
+
+def test_shape_report_reads_a_runs_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/shape_report.py on a rollout log holding two evaluations: one drawn right, one with every
+    square drawn as a circle."""
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.rollout_log import thumbnail_png
+
+    scenes, images, prompts = _batch(40, seed=6)
+    wrong = [
+        Scene([replace(o, shape="circle") if o.shape == "square" else o for o in s.objects]).render(32)
+        for s in scenes
+    ]
+    rows = [(0, im, p) for im, p in zip(images, prompts)] + [(40, im, p) for im, p in zip(wrong, prompts)]
+    (tmp_path / "rollouts").mkdir()
+    table = pa.table({
+        "step": [s for s, _, _ in rows], "stage": ["eval"] * len(rows), "prompt": [p for _, _, p in rows],
+        "thumbnail": [thumbnail_png(im, 64) for _, im, _ in rows],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "rollouts" / "part-000000.parquet")
+    spec = importlib.util.spec_from_file_location("shape_report", ROOT / "scripts" / "shape_report.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readings = script.main([str(tmp_path)])
+    assert sorted(readings) == [0, 40]
+    assert readings[0].rate("square", "square") == 1.0
+    assert readings[40].rate("square", "circle") == 1.0 and readings[40].rate("circle", "circle") == 1.0
+    out = capsys.readouterr().out
+    assert "step 40" in out and "100%" in out
+    with pytest.raises(SystemExit, match="no evaluation at step"):
+        script.main([str(tmp_path), "--steps", "3"])
