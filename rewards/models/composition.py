@@ -211,8 +211,11 @@ def read_shapes(
     if len(prompts) != images.shape[0]:
         raise ValueError(f"read_shapes: {images.shape[0]} images but {len(prompts)} prompts")
     asked: list[dict[str, str]] = []  # per image: colour -> shape, for colours named in one group only
-    for prompt in prompts:
-        groups = parse_caption(prompt)
+    for i, prompt in enumerate(prompts):
+        try:
+            groups = parse_caption(prompt)
+        except ValueError as exc:
+            raise ValueError(f"read_shapes: prompt {i} {prompt!r}: {exc}") from exc
         colours = [g.colour for g in groups]
         asked.append({g.colour: g.shape for g in groups if colours.count(g.colour) == 1})
     read_as = {a: {r: 0 for r in SHAPES} for a in SHAPES}

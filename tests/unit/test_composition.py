@@ -178,6 +178,8 @@ def test_read_shapes_on_known_scenes_and_a_wrong_shape() -> None:
     assert r.rate("square", "circle") == 1.0 and np.isnan(r.rate("triangle", "triangle"))
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         read_shapes(np.stack([circle, circle]), ["a red square"])
+    with pytest.raises(ValueError, match="prompt 1 'a photo of a cat'"):
+        read_shapes(np.stack([circle, circle]), ["a red square", "a photo of a cat"])
 
 
 def test_shape_report_reads_a_runs_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
