@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import replace
@@ -214,5 +215,15 @@ def test_shape_report_reads_a_runs_evaluations(tmp_path: Path, capsys: pytest.Ca
     assert readings[40].rate("square", "circle") == 1.0 and readings[40].rate("circle", "circle") == 1.0
     out = capsys.readouterr().out
     assert "step 40" in out and "100%" in out
+    # per prompt, re-scored: clean renders score 1; at step 40 exactly the prompts naming a square fall
+    first, last = script.prompt_scores(images, prompts), script.prompt_scores(np.stack(wrong), prompts)
+    squares = {p for p in prompts if "square" in p}
+    assert squares and set(first) == set(last) == set(prompts) and set(first.values()) == {1.0}
+    assert all((last[p] < 1.0) == (p in squares) for p in prompts)
+    assert "composition per prompt, step 0 -> step 40:" in out
+    assert f"  square  1.000 -> {np.mean([last[p] for p in squares]):.3f}" in out
+    assert all(
+        re.search(rf"{re.escape(p)} +1\.000 -> 1\.000  \(\+0\.000\)", out) for p in set(prompts) - squares
+    )
     with pytest.raises(SystemExit, match="no evaluation at step"):
         script.main([str(tmp_path), "--steps", "3"])
