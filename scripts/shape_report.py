@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict[int, ShapeReading]:
     readings = {step: read_shapes(images, prompts) for step, (images, prompts) in evals.items()}
     print(report(readings))
     if len(evals) > 1:
-        (s0, (im0, p0)), (s1, (im1, p1)) = next(iter(evals.items())), list(evals.items())[-1]
-        print(prompt_report(prompt_scores(im0, p0), prompt_scores(im1, p1), (s0, s1)))
+        s0, s1 = min(evals), max(evals)
+        print(prompt_report(prompt_scores(*evals[s0]), prompt_scores(*evals[s1]), (s0, s1)))
     return readings
 
 
