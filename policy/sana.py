@@ -41,6 +41,9 @@ class SanaConfig:
     sample_size: int = 32
     """Latent side the checkpoint was trained at (diffusers config field; informational)."""
     norm_eps: float = 1e-6
+    y_norm_scale_factor: float = 0.01
+    """Initial weight of the caption RMSNorm (Sana's text-to-image configs: 0.01, so text enters the
+    blocks gently). Initialisation only: loaded weights replace it, and checkpoints do not record it."""
 
     @staticmethod
     def preset(name: Preset) -> SanaConfig:
@@ -280,8 +283,7 @@ class SanaDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.caption_projection = CaptionProjection(cfg.caption_channels, d)
-        # Sana initialises the caption RMSNorm weight at 0.01 so text enters the blocks gently.
-        self.caption_norm = RMSNorm(d, eps=1e-5, init=0.01)
+        self.caption_norm = RMSNorm(d, eps=1e-5, init=cfg.y_norm_scale_factor)
         self.blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p * p * cfg.out_channels)
         self._init_weights()

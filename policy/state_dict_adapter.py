@@ -277,10 +277,11 @@ def infer_original_config(sd: Mapping[str, Tensor]) -> SanaConfig:
 
 
 def check_same_arch(wanted: SanaConfig, found: SanaConfig, source: str) -> None:
-    """The recipe's preset/overrides must describe the checkpoint they load (sample_size is informational)."""
+    """The recipe's preset/overrides must describe the checkpoint they load (sample_size is informational,
+    y_norm_scale_factor only initialises)."""
     for f in fields(SanaConfig):
         a, b = getattr(wanted, f.name), getattr(found, f.name)
-        if f.name != "sample_size" and a != b:
+        if f.name not in ("sample_size", "y_norm_scale_factor") and a != b:
             raise ValueError(
                 f"model.{f.name}: the recipe says {a!r} but {source} has {b!r} (fix preset/overrides)"
             )

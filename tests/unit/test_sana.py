@@ -236,3 +236,15 @@ def test_build_policy_applies_overrides_and_checks_pretrained_arch(tmp_path: Pat
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key].float())
     with pytest.raises(ValueError, match=r"model\.depth"):
         build_policy(ModelConfig(preset="tiny", pretrained=str(tmp_path)))
+
+
+def test_y_norm_scale_factor_only_initialises(tmp_path: Path) -> None:
+    """It sets the caption RMSNorm's starting weight; a checkpoint's weights replace it on load, and a
+    recipe that initialised differently still loads the checkpoint (it is not part of the architecture)."""
+    gentle = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1}))
+    assert torch.all(gentle.caption_norm.weight == 0.01)  # Sana's text-to-image default
+    full = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1, "y_norm_scale_factor": 1.0}))
+    assert torch.all(full.caption_norm.weight == 1.0)
+    full.save_pretrained(tmp_path)
+    loaded = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1}, pretrained=str(tmp_path)))
+    assert torch.equal(loaded.caption_norm.weight, full.caption_norm.weight)
