@@ -243,8 +243,11 @@ def test_y_norm_scale_factor_only_initialises(tmp_path: Path) -> None:
     recipe that initialised differently still loads the checkpoint (it is not part of the architecture)."""
     gentle = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1}))
     assert torch.all(gentle.caption_norm.weight == 0.01)  # Sana's text-to-image default
-    full = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1, "y_norm_scale_factor": 1.0}))
-    assert torch.all(full.caption_norm.weight == 1.0)
-    full.save_pretrained(tmp_path)
-    loaded = build_policy(ModelConfig(preset="tiny", overrides={"depth": 1}, pretrained=str(tmp_path)))
-    assert torch.equal(loaded.caption_norm.weight, full.caption_norm.weight)
+    full = {"depth": 1, "y_norm_scale_factor": 1.0}
+    assert torch.all(build_policy(ModelConfig(preset="tiny", overrides=full)).caption_norm.weight == 1.0)
+    with torch.no_grad():
+        gentle.caption_norm.weight.uniform_(0.2, 0.4)  # trained weights, neither init value
+    gentle.save_pretrained(tmp_path)
+    # the checkpoint's config reads back 0.01; a recipe asking for 1.0 must still load it, weights from disk
+    loaded = build_policy(ModelConfig(preset="tiny", overrides=full, pretrained=str(tmp_path)))
+    assert torch.equal(loaded.caption_norm.weight, gentle.caption_norm.weight)
