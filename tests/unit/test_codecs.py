@@ -42,6 +42,19 @@ def test_minilm_loads_offline_with_width_384_and_a_padding_mask(minilm: TextEnco
     assert torch.allclose(again[0], emb[0], atol=1e-5)  # a prompt's embedding does not depend on its batch
 
 
+def test_transformers_loads_beside_our_kernels_package() -> None:
+    """transformers 5.25 made Hugging Face's `kernels` package a dependency and imports it by the name our
+    top-level kernels/ takes: with it installed, the MiniLM encoder and every transformers-backed scorer
+    failed to load ("cannot import name 'CUDAProperties' from 'kernels'"). pyproject keeps it out."""
+    import importlib.metadata
+
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.distribution("kernels")  # Hugging Face's; ours installs as sana-rl
+    import transformers.integrations.hub_kernels  # imports `kernels` when that distribution is installed
+
+    assert transformers.integrations.hub_kernels is not None
+
+
 def test_random_encoder_is_seeded_and_shaped_like_minilm() -> None:
     cfg = CodecConfig(text_encoder="random", max_text_tokens=8)
     a, mask = build_text_encoder(cfg).encode(["a cube"])
