@@ -28,8 +28,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy orchestrator actors rewards policy kernels bench
 
+# --durations: where the suite's time goes shows in every CI log (Ray-backed integration tests dominate)
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The full demo as shipped, asserting its gains (about 7 minutes on an AVX-512 2-core machine, 17 on an
 # AVX2 one); CI runs it after `make test`.
