@@ -34,13 +34,25 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "proto")]
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+
+
+def load_config(path: Path, overrides: list[str]) -> RunConfig:
+    """A recipe's relative data paths are resolved against its folder, as `sana-rl run` does; a run's saved
+    config.yaml (beside its metrics.jsonl) holds them resolved already, relative to where the run started."""
+    from orchestrator.config import load_recipe
+
+    saved = path.name == "config.yaml" and (path.parent / "metrics.jsonl").exists()
+    return load_recipe(path, overrides, base_dir=Path.cwd() if saved else None)
 
 
 def _stub_grpc_extras() -> None:
@@ -80,7 +92,6 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     from actors.generator import GenerateRequest, RolloutEngine
     from actors.learner import Learner
     from actors.records import Rewards, Rollouts
-    from orchestrator.config import load_recipe
     from orchestrator.launch import init_weights
     from orchestrator.replay import ReplayBuffer, replay_seed
     from orchestrator.roles import DataFeed
@@ -89,7 +100,7 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     from rewards.client import RunningNorm  # the client's own normalisation, as a run's rewards get it
 
     pretrained = pretrain(a) if a.pretrain else Path(a.pretrained)
-    cfg = load_recipe(a.config, [f"run.seed={a.seed}", *a.set], base_dir=Path.cwd())
+    cfg = load_config(Path(a.config), [f"run.seed={a.seed}", *a.set])
     cfg.model.pretrained = str(init_weights(pretrained))
     if a.emb_cache:
         cfg.codec.embedding_cache = a.emb_cache
