@@ -30,6 +30,7 @@ from orchestrator.launch import (
     disconnect_cluster,
     init_weights,
     print_summary,
+    rebase_paths,
 )
 
 
@@ -130,16 +131,31 @@ def paired_gains(rollouts: Path, *, before_step: int, after_step: int) -> dict[s
 
 
 def _run_config(run_dir: Path, request: EvalRequest) -> RunConfig:
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise BadInput(f"RUN_DIR: {run_dir} holds no config.yaml; is it a run directory?")
-    if not (run_dir / "summary.json").exists():
+    if (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists():
         raise BadInput(f"RUN_DIR: {run_dir} has not finished (no summary.json); evaluate it when it has")
     overrides = ["run.init_recipe=null", "run.init_from=null"]  # the weights are named here
     for key in ("num_prompts", "seeds_per_prompt", "seed", "steps"):
         if (value := getattr(request, key)) is not None:
             overrides.append(f"eval.{key}={value}")
-    return load_recipe(saved, overrides, base_dir=Path.cwd())
+    return saved_config(run_dir, overrides)
+
+
+def saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config.yaml a run saved, with its relative paths made absolute so that it reads from any folder.
+
+    They were saved relative to the folder the run started in: `run_dir` less its saved `run.output_dir`
+    (runs/tiny in /work/main/runs/tiny: /work/main). A path not found there (a run directory copied or
+    renamed since, an absolute output_dir) is taken from the current folder, as before.
+    """
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise BadInput(f"RUN_DIR: {run_dir} holds no config.yaml; is it a run directory?")
+    cfg = load_recipe(saved, overrides, base_dir=Path())  # relative paths stay relative: rebased below
+    here, tail = run_dir.resolve(), cfg.output_dir.parts
+    roots = [Path.cwd()]
+    if tail and not cfg.output_dir.is_absolute() and ".." not in tail and here.parts[-len(tail) :] == tail:
+        roots.insert(0, Path(*here.parts[: -len(tail)]))
+    return rebase_paths(cfg, roots)
 
 
 def _steps_trained(run_dir: Path) -> int:
@@ -149,4 +165,4 @@ def _steps_trained(run_dir: Path) -> int:
     return steps
 
 
-__all__ = ["EvalRequest", "Gain", "evaluate_run", "paired_gains"]
+__all__ = ["EvalRequest", "Gain", "evaluate_run", "paired_gains", "saved_config"]

@@ -20,21 +20,50 @@ class BadInput(ValueError):
     """The recipe asks for something that does not exist here; the message names the field."""
 
 
-def check_paths(cfg: RunConfig) -> None:
-    """Every local path the recipe names must exist (weights are never downloaded)."""
-    fields: dict[str, str | None] = {
-        "model.pretrained": cfg.model.pretrained,
-        "codec.text_encoder_path": cfg.codec.text_encoder_path,
-        "codec.image_codec_path": cfg.codec.image_codec_path,
+def _path_fields(cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+    """Every local path a recipe can name, by dotted field: (the object holding it, its attribute or key)."""
+    fields: dict[str, tuple[Any, str]] = {
+        "model.pretrained": (cfg.model, "pretrained"),
+        "codec.text_encoder_path": (cfg.codec, "text_encoder_path"),
+        "codec.image_codec_path": (cfg.codec, "image_codec_path"),
     }
-    fields.update({f"data.{k}": v for k, v in cfg.data.paths().items()})
+    fields.update({f"data.{k}": (cfg.data, k) for k in cfg.data.paths()})
     for i, spec in enumerate(cfg.rewards):
         for key in ("token_file", "tls_ca", "python"):
-            fields[f"rewards[{i}].{key}"] = getattr(spec, key)
-        weights = spec.scorer_kwargs.get("weights")
-        if isinstance(weights, str):
-            fields[f"rewards[{i}].scorer_kwargs.weights"] = weights
-    for name, value in fields.items():
+            fields[f"rewards[{i}].{key}"] = (spec, key)
+        if isinstance(spec.scorer_kwargs.get("weights"), str):
+            fields[f"rewards[{i}].scorer_kwargs.weights"] = (spec.scorer_kwargs, "weights")
+    return fields
+
+
+def _get(owner: Any, key: str) -> Any:
+    return owner.get(key) if isinstance(owner, dict) else getattr(owner, key)
+
+
+def rebase_paths(cfg: RunConfig, roots: list[Path]) -> RunConfig:
+    """Make every relative local path in `cfg` (and run.init_from) absolute, in place: relative to the first
+    of `roots` under which it exists, else to the first root (where check_paths then names it).
+
+    A run's saved config.yaml holds paths relative to the folder the run started in; rebased on that folder
+    they hold from anywhere (`sana-rl eval RUN` from another folder)."""
+    fields = _path_fields(cfg)
+    fields["run.init_from"] = (cfg.run, "init_from")
+    for owner, key in fields.values():
+        value = _get(owner, key)
+        if not value or Path(value).expanduser().is_absolute():
+            continue
+        found = next((root / value for root in roots if (root / value).exists()), roots[0] / value)
+        if isinstance(owner, dict):
+            owner[key] = str(found)
+        else:
+            setattr(owner, key, str(found))
+    return cfg
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Every local path the recipe names must exist (weights are never downloaded)."""
+    for name, (owner, key) in _path_fields(cfg).items():
+        value = _get(owner, key)
         if value and not Path(value).exists():
             raise BadInput(f"{name}: {value} does not exist")
     if cfg.codec.text_encoder == "gemma" and not cfg.codec.text_encoder_path:

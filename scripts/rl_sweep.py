@@ -48,11 +48,14 @@ if TYPE_CHECKING:
 
 def load_config(path: Path, overrides: list[str]) -> RunConfig:
     """A recipe's relative data paths are resolved against its folder, as `sana-rl run` does; a run's saved
-    config.yaml (beside its metrics.jsonl) holds them resolved already, relative to where the run started."""
+    config.yaml (beside its metrics.jsonl) holds them relative to where the run started, as `sana-rl eval`
+    reads them."""
     from orchestrator.config import load_recipe
+    from orchestrator.evaluate import saved_config
 
-    saved = path.name == "config.yaml" and (path.parent / "metrics.jsonl").exists()
-    return load_recipe(path, overrides, base_dir=Path.cwd() if saved else None)
+    if path.name == "config.yaml" and (path.parent / "metrics.jsonl").exists():
+        return saved_config(path.parent, overrides)
+    return load_recipe(path, overrides)
 
 
 def _stub_grpc_extras() -> None:
