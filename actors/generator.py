@@ -53,6 +53,21 @@ class GenerateRequest:
     """Overrides the sampler's SDE noise level (GRPO rollouts); None keeps the recipe's."""
 
 
+class _BatchDynamic(torch.nn.Module):
+    """Calls a compiled rollout copy with the batch dimension of its inputs marked dynamic: one graph per
+    precision then serves the preview, final and evaluation batch sizes. (Left to automatic dynamic
+    shapes, the first size compiles a static graph and the second a dynamic one: one compile more.)"""
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        for a in args:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        return cast(torch.Tensor, self.compiled(*args))
+
+
 class RolloutEngine:
     """Holds the full-precision policy, quantized copies per format, the codecs and the text cache."""
 
@@ -123,7 +138,7 @@ class RolloutEngine:
         if not self.compile:
             return model
         if precision not in self._compiled:
-            self._compiled[precision] = cast(torch.nn.Module, torch.compile(model))
+            self._compiled[precision] = _BatchDynamic(cast(torch.nn.Module, torch.compile(model)))
         return self._compiled[precision]
 
     @torch.no_grad()

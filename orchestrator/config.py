@@ -82,8 +82,8 @@ class RolloutConfig:
     final_precision: Format = "bf16"
     final_steps: int = field(default=10, metadata={"ge": 1})
     compile: bool = False
-    """torch.compile each rollout copy on its first use (compiled once per precision and shape; synced
-    weights are read in place). On an H200 the 1.6B rollout ran 1.4x (BF16) and 1.5x (FP8) eager BF16."""
+    """torch.compile each rollout copy on its first use (compiled once per precision and image size, the
+    batch size dynamic; synced weights are read in place). On an H200 the 1.6B rollout ran 1.4x (BF16) and 1.5x (FP8) eager BF16."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Best-sample replay beside NFT (orchestrator/replay.py); off unless `replay.weight` > 0."""
 

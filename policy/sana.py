@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,9 +89,11 @@ class ModelConfig:
                 )
 
 
-def _check(cond: bool, name: str, message: str) -> None:
+def _check(cond: bool, name: str, message: Callable[[], str]) -> None:
+    """The message is built only on failure: under torch.compile, formatting a symbolic batch size into a
+    string would specialise the graph to that size, and every other batch size would compile again."""
     if not cond:
-        raise ValueError(f"{name}: {message}")
+        raise ValueError(f"{name}: {message()}")
 
 
 class RMSNorm(nn.Module):
@@ -270,12 +273,12 @@ class SanaDiT(nn.Module):
         _check(
             cfg.hidden_size % cfg.head_dim == 0,
             "hidden_size",
-            f"{cfg.hidden_size} not a multiple of head_dim",
+            lambda: f"{cfg.hidden_size} not a multiple of head_dim",
         )
         _check(
             cfg.hidden_size % cfg.cross_heads == 0,
             "cross_heads",
-            f"{cfg.cross_heads} does not divide hidden_size",
+            lambda: f"{cfg.cross_heads} does not divide hidden_size",
         )
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
@@ -325,33 +328,35 @@ class SanaDiT(nn.Module):
         _check(
             x.ndim == 4 and x.shape[1] == cfg.in_channels,
             "x",
-            f"expected [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}",
+            lambda: f"expected [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}",
         )
-        _check(x.is_floating_point(), "x", f"expected a float tensor, got {x.dtype}")
+        _check(x.is_floating_point(), "x", lambda: f"expected a float tensor, got {x.dtype}")
         p = cfg.patch_size
         _check(
             x.shape[2] % p == 0 and x.shape[3] % p == 0,
             "x",
-            f"H, W {tuple(x.shape[2:])} not multiples of patch size {p}",
+            lambda: f"H, W {tuple(x.shape[2:])} not multiples of patch size {p}",
         )
         b = x.shape[0]
         _check(
             timestep.ndim == 0 or tuple(timestep.shape) == (b,),
             "timestep",
-            f"expected [{b}], got {tuple(timestep.shape)}",
+            lambda: f"expected [{b}], got {tuple(timestep.shape)}",
         )
         _check(
             text.ndim == 3 and text.shape[0] == b and text.shape[2] == cfg.caption_channels,
             "text",
-            f"expected [{b}, L, {cfg.caption_channels}], got {tuple(text.shape)}",
+            lambda: f"expected [{b}, L, {cfg.caption_channels}], got {tuple(text.shape)}",
         )
         _check(
             tuple(text_mask.shape) == tuple(text.shape[:2]),
             "text_mask",
-            f"expected {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}",
+            lambda: f"expected {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}",
         )
         _check(
-            text_mask.dtype == torch.bool, "text_mask", f"expected dtype torch.bool, got {text_mask.dtype}"
+            text_mask.dtype == torch.bool,
+            "text_mask",
+            lambda: f"expected dtype torch.bool, got {text_mask.dtype}",
         )
 
     @classmethod

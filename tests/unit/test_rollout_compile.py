@@ -63,10 +63,11 @@ def _engine(fmt: Format, device: str, compile: bool) -> RolloutEngine:
     )  # fmt: skip
 
 
-def _latents(engine: RolloutEngine, precision: str) -> torch.Tensor:
+def _latents(engine: RolloutEngine, precision: str, n: int = 2) -> torch.Tensor:
     req = GenerateRequest(
-        prompts=["a red circle", "two blue squares"], seeds=[3, 4], group_ids=[0, 1], steps=3,
-        precision=precision, expect_version=engine.version,  # type: ignore[arg-type]
+        prompts=["a red circle", "two blue squares", "a green triangle"][:n], seeds=[3, 4, 5][:n],
+        group_ids=[0, 1, 2][:n], steps=3, precision=precision,  # type: ignore[arg-type]
+        expect_version=engine.version,
     )  # fmt: skip
     return engine.generate(req).latents
 
@@ -114,13 +115,17 @@ def test_compiled_rollouts_match_eager_and_follow_every_sync(
         if version == 2:
             graphs = counters["stats"]["unique_graphs"]
         for precision in ("bf16", fmt):
-            want, got = _latents(eager, precision), _latents(compiled, precision)
+            # after the sync, another batch size too: preview, final and evaluation batches differ
+            n = 2 if version == 1 else 3
+            want, got = _latents(eager, precision, n), _latents(compiled, precision, n)
             assert _rel(got, want) < tols[precision], (
                 f"{precision} v{version}: compiled vs eager {_rel(got, want):.2e}"
             )
             if version == 1:
                 first[precision] = got
             else:  # the compiled copy really sampled with the synced weights
-                assert _rel(got, first[precision]) > 0.1
-    assert counters["stats"]["unique_graphs"] == graphs, "a weight sync recompiled the rollout copy"
+                assert _rel(got[:2], first[precision]) > 0.1
+    assert counters["stats"]["unique_graphs"] == graphs, (
+        "a weight sync or another batch size recompiled the rollout copy"
+    )
     assert set(compiled._compiled) == {"bf16", fmt} and not eager._compiled
