@@ -365,7 +365,7 @@ class Controller:
     def _score(self, roll: Rollouts, stage: str, metrics: dict[str, float]) -> Rewards:
         assert self.roles is not None
         t0 = time.perf_counter()
-        rew = self.roles.rewards.score(roll.images, roll.prompts)
+        rew = self.roles.rewards.score(roll)
         metrics.update(reward_metrics(roll, rew, stage))
         metrics[f"time/score_{stage}_s"] = time.perf_counter() - t0
         self.counters.seen_items += len(roll)
@@ -411,7 +411,7 @@ class Controller:
         out: dict[str, float] = {}
         if self.roles.rewards.available:
             # update=False: scoring the evaluation must not move the normaliser training rollouts use
-            rew = self.roles.rewards.score(roll.images, roll.prompts, update=False)
+            rew = self.roles.rewards.score(roll, update=False)
             ok = rew.ok  # raw scores: the normalised total depends on the run's reward statistics
             for name, vals in {**rew.per_scorer, **rew.extras}.items():
                 out[name] = float(vals[ok].mean()) if ok.any() else float("nan")

@@ -101,10 +101,12 @@ class RewardScorer:
         self.available = bool(specs)
         self._client = RewardClientSync(RewardClientConfig(rewards=specs)) if specs else None
 
-    def score(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> Rewards:
-        """`update=False` (evaluation) leaves the running reward normalisation as it was."""
+    def score(self, roll: Rollouts, *, update: bool = True) -> Rewards:
+        """Score a rollout's images (and its latents, for scorers that read them); `update=False`
+        (evaluation) leaves the running reward normalisation as it was."""
         assert self._client is not None, "no reward configured"
-        return self._client.score_sync(images, prompts, update=update).to_record()
+        latents = roll.latents.numpy() if roll.latents is not None else None
+        return self._client.score_sync(roll.images, roll.prompts, latents=latents, update=update).to_record()
 
     def state(self) -> dict[str, Any]:
         return self._client.state() if self._client else {}

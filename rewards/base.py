@@ -30,6 +30,8 @@ class ScorerInfo:
     """Square side in pixels the scorer wants (None: any size)."""
     max_batch: int = 64
     accepts_video: bool = False
+    reads_latents: bool = False
+    """Whether score() takes `latents` (set by the serving core from its signature, not by the scorer)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +64,11 @@ class ScoreBatch:
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """A scorer. `images` is uint8 [N, H, W, 3] (or [N, T, H, W, 3] for video); prompts has N entries."""
+    """A scorer. `images` is uint8 [N, H, W, 3] (or [N, T, H, W, 3] for video); prompts has N entries.
+
+    A scorer that also reads the items' latents takes them as a third parameter,
+    `score(images, prompts, latents: np.ndarray | None = None)` (float32 [N, ...]); its Describe then says
+    so and the trainer sends them. `latents` is None when the caller has none."""
 
     def info(self) -> ScorerInfo: ...
 

@@ -229,17 +229,26 @@ class RewardClient:
         cache = self._services[name].cache
         return cache.hits, cache.misses
 
-    async def score(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> CombinedScores:
+    async def score(
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        *,
+        latents: np.ndarray | None = None,
+        update: bool = True,
+    ) -> CombinedScores:
         """Score with every reward concurrently and combine; raises RewardServiceDown / RewardRequestError.
 
-        `update=False` normalises with the running moments without adding this batch to them: evaluation
-        must not change what training rollouts are scored against.
+        `latents` (float32 [N, ...], the items' latents) go only to the services whose scorer reads them
+        (its Describe says so); the others get the pixels alone. `update=False` normalises with the running
+        moments without adding this batch to them: evaluation must not change what training rollouts are
+        scored against.
         """
-        _check_input(images, prompts)
+        _check_input(images, prompts, latents)
         hashes = item_hashes(images) if self.cfg.cache_size else None
         specs = self.cfg.rewards
         batches = await gather_or_cancel(
-            *(self._services[s.name].score(images, prompts, hashes) for s in specs)
+            *(self._services[s.name].score(images, prompts, hashes, latents) for s in specs)
         )
         n = len(prompts)
         ok = np.ones(n, dtype=bool)
@@ -304,8 +313,15 @@ class RewardClientSync:
     def _run(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def score_sync(self, images: np.ndarray, prompts: list[str], *, update: bool = True) -> CombinedScores:
-        return self._run(self.client.score(images, prompts, update=update))
+    def score_sync(
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        *,
+        latents: np.ndarray | None = None,
+        update: bool = True,
+    ) -> CombinedScores:
+        return self._run(self.client.score(images, prompts, latents=latents, update=update))
 
     def state(self) -> dict[str, dict[str, float]]:
         return self.client.state()
@@ -324,7 +340,7 @@ class RewardClientSync:
         self._loop.close()
 
 
-def _check_input(images: np.ndarray, prompts: list[str]) -> None:
+def _check_input(images: np.ndarray, prompts: list[str], latents: np.ndarray | None) -> None:
     if images.dtype != np.uint8 or images.ndim not in (4, 5) or images.shape[-1] != 3:
         raise ValueError(
             f"images: expected uint8 [N, H, W, 3] or [N, T, H, W, 3], got {images.dtype} {images.shape}"
@@ -333,6 +349,8 @@ def _check_input(images: np.ndarray, prompts: list[str]) -> None:
         raise ValueError(
             f"prompts: {len(prompts)} prompts for {images.shape[0]} images (need one per image, N > 0)"
         )
+    if latents is not None and (latents.ndim < 2 or latents.shape[0] != images.shape[0]):
+        raise ValueError(f"latents: expected [{images.shape[0]}, ...] (one per image), got {latents.shape}")
 
 
 __all__ = [

@@ -114,11 +114,13 @@ class ScoringCore:
             )
         self.model = model
         info = model.info()
-        self.info: ScorerInfo = replace(info, max_batch=max(1, min(max_batch, info.max_batch)))
+        self._takes_latents = "latents" in inspect.signature(model.score).parameters
+        self.info: ScorerInfo = replace(
+            info, max_batch=max(1, min(max_batch, info.max_batch)), reads_latents=self._takes_latents
+        )
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.stats = BatcherStats()
-        self._takes_latents = "latents" in inspect.signature(model.score).parameters
         self._queue: collections.deque[_Job] = collections.deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()

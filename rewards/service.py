@@ -166,20 +166,40 @@ class Service:
         self.info = wire.decode_info(msg)
         self.max_request_bytes = min(self.max_request_bytes, msg.max_request_bytes or self.max_request_bytes)
 
-    async def score(self, images: np.ndarray, prompts: list[str], hashes: list[bytes] | None) -> ScoreBatch:
+    async def score(
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        hashes: list[bytes] | None,
+        latents: np.ndarray | None = None,
+    ) -> ScoreBatch:
         n = len(prompts)
+        latents = latents if self.info.reads_latents else None  # the others would only pay for the bytes
+        if hashes is not None and latents is not None:  # what the scorer reads is the cache key
+            hashes = [h + g for h, g in zip(hashes, item_hashes(latents))]
         rows: list[_Row | None] = [None] * n
         if hashes is not None:
             for i in range(n):
                 rows[i] = self.cache.get((hashes[i], prompts[i], self.info.name, self.info.version))
         todo = [i for i in range(n) if rows[i] is None]
         per_item = images[0].nbytes + 64 + max((len(p.encode()) for p in prompts), default=0)
+        per_item += 0 if latents is None else latents[0].size * 4
         step = max(1, min(self.info.max_batch or n, int(self.max_request_bytes * 0.9) // per_item))
         chunks = [todo[a : a + step] for a in range(0, len(todo), step)]
-        # a run of consecutive items is sent from a view; only cache holes make a gathered copy
-        pick = lambda ix: images[ix[0] : ix[-1] + 1] if ix[-1] - ix[0] < len(ix) else images[ix]  # noqa: E731
+
+        def pick(x: np.ndarray, ix: list[int]) -> np.ndarray:
+            # a run of consecutive items is sent from a view; only cache holes make a gathered copy
+            return x[ix[0] : ix[-1] + 1] if ix[-1] - ix[0] < len(ix) else x[ix]
+
         answers = await gather_or_cancel(
-            *(self._score_chunk(pick(idx), [prompts[i] for i in idx]) for idx in chunks)
+            *(
+                self._score_chunk(
+                    pick(images, idx),
+                    [prompts[i] for i in idx],
+                    None if latents is None else pick(latents, idx),
+                )
+                for idx in chunks
+            )
         )
         for idx, (batch, version) in zip(chunks, answers):
             for j, i in enumerate(idx):
@@ -193,8 +213,10 @@ class Service:
                     self.cache.put((hashes[i], prompts[i], self.info.name, version), row)
         return _rows_to_batch([r for r in rows if r is not None], self.info.heads)
 
-    async def _score_chunk(self, images: np.ndarray, prompts: list[str]) -> tuple[ScoreBatch, str]:
-        req = wire.encode_request_bytes(images, prompts)
+    async def _score_chunk(
+        self, images: np.ndarray, prompts: list[str], latents: np.ndarray | None
+    ) -> tuple[ScoreBatch, str]:
+        req = wire.encode_request_bytes(images, prompts, latents=latents)
         msg = await self._call("Score", lambda r, t: r.score(req, timeout=t, metadata=self.metadata))
         if msg.scorer_version != self.info.version:  # the service was restarted with other weights
             log.warning(

@@ -209,7 +209,11 @@ def encode_request(
 
 
 def encode_request_bytes(
-    images: np.ndarray, prompts: list[str], *, item_ids: list[str] | None = None
+    images: np.ndarray,
+    prompts: list[str],
+    *,
+    item_ids: list[str] | None = None,
+    latents: np.ndarray | None = None,
 ) -> bytes:
     """The serialized ScoreRequest of encode_request, built with a single copy of the pixels.
 
@@ -219,7 +223,7 @@ def encode_request_bytes(
     holding only `data`: the protobuf wire format merges repeated occurrences of an embedded message
     field, so every parser reads exactly the message encode_request builds (a test checks it).
     """
-    head = encode_request(images[:, :0], prompts, item_ids=item_ids)
+    head = encode_request(images[:, :0], prompts, item_ids=item_ids, latents=latents)
     head.images.ClearField("shape")
     head.images.shape.extend(images.shape)
     pixels = np.ascontiguousarray(images).reshape(-1).data  # a view: the join below is the one copy
@@ -279,6 +283,7 @@ def encode_info(info: ScorerInfo, max_request_bytes: int) -> pb.DescribeResponse
         max_batch=info.max_batch,
         accepts_video=info.accepts_video,
         max_request_bytes=max_request_bytes,
+        reads_latents=info.reads_latents,
     )
 
 
@@ -290,4 +295,5 @@ def decode_info(msg: pb.DescribeResponse) -> ScorerInfo:
         input_size=msg.input_size or None,
         max_batch=msg.max_batch,
         accepts_video=msg.accepts_video,
+        reads_latents=msg.reads_latents,
     )

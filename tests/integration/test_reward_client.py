@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from rewards.base import make_scorer
+from rewards.base import ScoreBatch, ScorerInfo, make_scorer
 from rewards.client import (
     RewardClient,
     RewardClientClosed,
@@ -87,6 +87,56 @@ def test_two_rewards_combined_normalised_cached_and_failures_marked() -> None:
                 np.testing.assert_allclose(held.normalized["detail"], want, rtol=1e-5)
                 record = s.to_record()
                 assert record.total.shape == (6,) and not bool(record.ok[2])
+
+    asyncio.run(main())
+
+
+class _LatentNorm(MeanModel):
+    """Score = the L2 norm of each item's latent (a scorer that reads latents, not pixels)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch=3)  # a 7-item call goes out in chunks: their latents must follow them
+
+    def info(self) -> ScorerInfo:
+        return ScorerInfo(name="latent_norm", version="1", heads=["latent_norm"], max_batch=self.max_batch)
+
+    def score(self, images: np.ndarray, prompts: list[str], latents: np.ndarray | None = None) -> ScoreBatch:
+        assert latents is not None, "the client sent no latents"
+        self.sizes.append(len(images))
+        norms = np.linalg.norm(latents.reshape(len(latents), -1), axis=1).astype(np.float32)
+        return ScoreBatch(scores={"latent_norm": norms}, ok=np.ones(len(images), bool))
+
+
+def test_latents_go_to_the_scorers_that_read_them_only() -> None:
+    images, prompts = _images(7), [f"p{i}" for i in range(7)]
+    latents = np.random.default_rng(1).standard_normal((7, 4, 2, 2)).astype(np.float32)
+
+    async def main() -> None:
+        reader = _LatentNorm()
+        async with serving(reader) as (lat, _), serving(MeanModel()) as (mean, _):
+            cfg = RewardClientConfig(
+                rewards=[
+                    _spec("lat", "latent_norm", lat.address, normalize=False),
+                    _spec("bright", "mean", mean.address, normalize=False),
+                ]
+            )
+            async with RewardClient(cfg) as client:
+                assert client.info("lat").reads_latents and not client.info("bright").reads_latents
+                with pytest.raises(ValueError, match=r"latents: expected \[7, \.\.\.\]"):
+                    await client.score(images, prompts, latents=latents[:6])
+                s = await client.score(images, prompts, latents=latents)
+                want = np.linalg.norm(latents.reshape(7, -1), axis=1)
+                np.testing.assert_allclose(s.raw["lat"], want, rtol=1e-6)
+                np.testing.assert_allclose(s.raw["bright"], images.reshape(7, -1).mean(1) / 255, rtol=1e-6)
+                assert reader.sizes == [3, 3, 1]
+                # the latent scorer's cache keys on what it reads: other latents of the same images are
+                # scored again, while the pixel scorer answers them from its cache
+                again = await client.score(images, prompts, latents=latents * 2)
+                np.testing.assert_allclose(again.raw["lat"], 2 * want, rtol=1e-6)
+                assert client.cache_stats("lat") == (0, 14) and client.cache_stats("bright") == (7, 7)
+                # a run without latents: the scorer that needs them fails every item, named, never a 0
+                none = await client.score(images[:2], prompts[:2])
+                assert not none.ok.any() and "no latents" in none.errors[0]
 
     asyncio.run(main())
 

@@ -133,6 +133,13 @@ def test_big_requests_view_their_pixels_in_place_and_parse_like_protobuf() -> No
         np.testing.assert_array_equal(inp.images, images)
         assert inp.prompts == ["x", "ÿ", ""] and inp.item_ids == ids
         assert _root(inp.images) is raw  # no copy of the pixels
+    # latents travel in the same compact request (for scorers that read them)
+    lat = np.random.default_rng(3).standard_normal((3, 4, 2, 2)).astype(np.float32)
+    with_lat = encode_request_bytes(images, ["x", "ÿ", ""], item_ids=ids, latents=lat)
+    assert pb.ScoreRequest.FromString(with_lat) == encode_request(
+        images, ["x", "ÿ", ""], item_ids=ids, latents=lat
+    )
+    np.testing.assert_array_equal(decode_request(with_lat, accepts_video=False).latents, lat)
     # a later `images` occurrence merges into the first and its `data` wins, as protobuf has it
     other = np.zeros_like(images)
     twice = canonical + encode_request_bytes(other, [])[-(other.nbytes + 8) :]

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esana_rl/reward/v1/reward.proto\x12\x11sana_rl.reward.v1\"T\n\nImageBatch\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12)\n\x06layout\x18\x03 \x01(\x0e\x32\x19.sana_rl.reward.v1.Layout\"N\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.sana_rl.reward.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x06images\x18\x02 \x01(\x0b\x32\x1d.sana_rl.reward.v1.ImageBatch\x12*\n\x07latents\x18\x03 \x01(\x0b\x32\x19.sana_rl.reward.v1.Tensor\x12\x0f\n\x07prompts\x18\x04 \x03(\t\x12\x10\n\x08item_ids\x18\x05 \x03(\t\"&\n\x06Scores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"8\n\nItemStatus\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xce\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x16\n\x0escorer_version\x18\x03 \x01(\t\x12(\n\x05heads\x18\x04 \x03(\x0b\x32\x19.sana_rl.reward.v1.Scores\x12)\n\x06\x65xtras\x18\x05 \x03(\x0b\x32\x19.sana_rl.reward.v1.Scores\x12,\n\x05items\x18\x06 \x03(\x0b\x32\x1d.sana_rl.reward.v1.ItemStatus\"\x11\n\x0f\x44\x65scribeRequest\"\x99\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05heads\x18\x03 \x03(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x15\n\raccepts_video\x18\x06 \x01(\x08\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03*C\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLAYOUT_NHWC\x10\x01\x12\x10\n\x0cLAYOUT_NTHWC\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\x86\x02\n\rRewardService\x12J\n\x05Score\x12\x1f.sana_rl.reward.v1.ScoreRequest\x1a .sana_rl.reward.v1.ScoreResponse\x12T\n\x0bScoreStream\x12\x1f.sana_rl.reward.v1.ScoreRequest\x1a .sana_rl.reward.v1.ScoreResponse(\x01\x30\x01\x12S\n\x08\x44\x65scribe\x12\".sana_rl.reward.v1.DescribeRequest\x1a#.sana_rl.reward.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esana_rl/reward/v1/reward.proto\x12\x11sana_rl.reward.v1\"T\n\nImageBatch\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12)\n\x06layout\x18\x03 \x01(\x0e\x32\x19.sana_rl.reward.v1.Layout\"N\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\'\n\x05\x64type\x18\x02 \x01(\x0e\x32\x18.sana_rl.reward.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xa0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x06images\x18\x02 \x01(\x0b\x32\x1d.sana_rl.reward.v1.ImageBatch\x12*\n\x07latents\x18\x03 \x01(\x0b\x32\x19.sana_rl.reward.v1.Tensor\x12\x0f\n\x07prompts\x18\x04 \x03(\t\x12\x10\n\x08item_ids\x18\x05 \x03(\t\"&\n\x06Scores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"8\n\nItemStatus\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xce\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x16\n\x0escorer_version\x18\x03 \x01(\t\x12(\n\x05heads\x18\x04 \x03(\x0b\x32\x19.sana_rl.reward.v1.Scores\x12)\n\x06\x65xtras\x18\x05 \x03(\x0b\x32\x19.sana_rl.reward.v1.Scores\x12,\n\x05items\x18\x06 \x03(\x0b\x32\x1d.sana_rl.reward.v1.ItemStatus\"\x11\n\x0f\x44\x65scribeRequest\"\xb0\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05heads\x18\x03 \x03(\t\x12\x12\n\ninput_size\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\x12\x15\n\raccepts_video\x18\x06 \x01(\x08\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\x03\x12\x15\n\rreads_latents\x18\x08 \x01(\x08*C\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLAYOUT_NHWC\x10\x01\x12\x10\n\x0cLAYOUT_NTHWC\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\x86\x02\n\rRewardService\x12J\n\x05Score\x12\x1f.sana_rl.reward.v1.ScoreRequest\x1a .sana_rl.reward.v1.ScoreResponse\x12T\n\x0bScoreStream\x12\x1f.sana_rl.reward.v1.ScoreRequest\x1a .sana_rl.reward.v1.ScoreResponse(\x01\x30\x01\x12S\n\x08\x44\x65scribe\x12\".sana_rl.reward.v1.DescribeRequest\x1a#.sana_rl.reward.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sana_rl.reward.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYOUT']._serialized_start=864
-  _globals['_LAYOUT']._serialized_end=931
-  _globals['_DTYPE']._serialized_start=933
-  _globals['_DTYPE']._serialized_end=1021
+  _globals['_LAYOUT']._serialized_start=887
+  _globals['_LAYOUT']._serialized_end=954
+  _globals['_DTYPE']._serialized_start=956
+  _globals['_DTYPE']._serialized_end=1044
   _globals['_IMAGEBATCH']._serialized_start=53
   _globals['_IMAGEBATCH']._serialized_end=137
   _globals['_TENSOR']._serialized_start=139
@@ -50,7 +50,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=689
   _globals['_DESCRIBEREQUEST']._serialized_end=706
   _globals['_DESCRIBERESPONSE']._serialized_start=709
-  _globals['_DESCRIBERESPONSE']._serialized_end=862
-  _globals['_REWARDSERVICE']._serialized_start=1024
-  _globals['_REWARDSERVICE']._serialized_end=1286
+  _globals['_DESCRIBERESPONSE']._serialized_end=885
+  _globals['_REWARDSERVICE']._serialized_start=1047
+  _globals['_REWARDSERVICE']._serialized_end=1309
 # @@protoc_insertion_point(module_scope)

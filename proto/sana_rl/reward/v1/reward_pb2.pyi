@@ -100,7 +100,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "version", "heads", "input_size", "max_batch", "accepts_video", "max_request_bytes")
+    __slots__ = ("name", "version", "heads", "input_size", "max_batch", "accepts_video", "max_request_bytes", "reads_latents")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class DescribeResponse(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_VIDEO_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READS_LATENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     heads: _containers.RepeatedScalarFieldContainer[str]
@@ -115,4 +116,5 @@ class DescribeResponse(_message.Message):
     max_batch: int
     accepts_video: bool
     max_request_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., heads: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., accepts_video: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    reads_latents: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., heads: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., accepts_video: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ..., reads_latents: _Optional[bool] = ...) -> None: ...
