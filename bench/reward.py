@@ -17,6 +17,10 @@ process (the client is this process), as they would beside a trainer.
 - in the note (and `extra`): "echo" (the same bytes in, 16 floats out, no scoring: the transport
   alone) and "in-process" (scorer.score on the array, no transport), timed interleaved with each other.
 Building each request (serializing the pixels) is part of every timed call, as it is for a trainer.
+
+Stream cases (informational, no target): the same requests, all in flight at once, over one ScoreStream
+against as many unary Score calls, for chunks of 1 and 8 images at 32 px and 16 at 256 px; what a client
+would gain by sending a batch's chunks over a stream (RewardClient sends unary calls).
 """
 
 from __future__ import annotations
@@ -106,6 +110,9 @@ class _Client:
             self.score = self.ours_channel.unary_unary(
                 f"/{SERVICE_NAME}/Score", response_deserializer=pb.ScoreResponse.FromString
             )
+            self.stream = self.ours_channel.stream_stream(
+                f"/{SERVICE_NAME}/ScoreStream", response_deserializer=pb.ScoreResponse.FromString
+            )
             self.bare = self.bare_channel.unary_unary(BARE)
             self.echo = self.bare_channel.unary_unary(ECHO)
 
@@ -125,6 +132,15 @@ class _Client:
 
         async def all_() -> None:
             await asyncio.gather(*(worker(total // conc + (i < total % conc)) for i in range(conc)))
+
+        self.run(all_())
+
+    def stream_all(self, make: Callable[[], bytes], total: int) -> None:
+        """Send `total` requests over one ScoreStream and read every answer."""
+
+        async def all_() -> None:
+            answers = [a async for a in self.stream(iter([make() for _ in range(total)]))]
+            assert len(answers) == total, f"{len(answers)} answers to {total} requests"
 
         self.run(all_())
 
@@ -149,6 +165,7 @@ def run(quick: bool) -> list[Row]:
         rows = [
             _case(client, scorer, smooth_images(size), conc, quick) for size in (64, 512) for conc in (1, 8)
         ]
+        rows += [_stream_case(client, size, n, total, quick) for size, n, total in STREAM_CASES]
     finally:
         client.close()
         proc.stdin.close()
@@ -181,6 +198,35 @@ def _case(client: _Client, scorer: RewardModel, images: np.ndarray, conc: int, q
         repeats=repeats,
     )
     return _row(size, conc, total, t_ours, t_bare, t_echo, t_inproc, images.nbytes)
+
+
+STREAM_CASES = ((32, 1, 128), (32, 8, 32), (256, 16, 8))
+"""(image side, images per request, requests): many small chunks, then fewer larger ones."""
+
+
+def _stream_case(client: _Client, size: int, n: int, total: int, quick: bool) -> Row:
+    from rewards.wire import encode_request_bytes
+
+    images, prompts = smooth_images(size, n=n), ["a photo"] * n
+    make = lambda: encode_request_bytes(images, prompts)  # noqa: E731
+    t_stream, t_unary = measure_pair(
+        lambda: client.stream_all(make, total),
+        lambda: client.flood(client.score, make, total, total),
+        warmup=1 if quick else 2,
+        repeats=3 if quick else 9,
+    )
+    per_s = lambda t: total * n / t.median_s  # noqa: E731
+    return Row(
+        suite=SUITE,
+        case=f"{SCORER} {size}px, {total} requests of {n}, one ScoreStream",
+        metric="images/s",
+        value=per_s(t_stream),
+        baseline_name=f"{total} unary Score calls in flight",
+        baseline=per_s(t_unary),
+        ratio=per_s(t_stream) / per_s(t_unary),
+        spread=per_s(t_stream) * t_stream.iqr_s / t_stream.median_s,
+        note=f"{images.nbytes / 1e6:.3f} MB/request",
+    )
 
 
 def _row(
