@@ -126,7 +126,7 @@ def test_short_demo_writes_every_artefact(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 7-11 minutes on 2 AVX-512 cores (18 on a 2-core AVX2 machine)
+@pytest.mark.timeout(1800)  # 7-12 minutes on 2 AVX-512 cores (15-18 on 2-core AVX2 machines)
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-4 on a 2-core AVX-512
     EPYC, from the same pretraining, the composition score rose by 0.084 / 0.095 / 0.080 / 0.076 / 0.095
