@@ -17,6 +17,7 @@ import torch
 from actors.records import Rollouts, WeightSnapshot
 from kernels.quantize import Format, QuantConfig, quantize_policy, requantize_
 from orchestrator.weight_channel import WeightEndpoint
+from policy.autocast import Autocast, autocast_context
 from policy.codecs import CodecConfig, build_image_codec, build_text_encoder, to_uint8
 from policy.flow import SamplerConfig, sample
 from policy.sana import ModelConfig, SanaDiT, build_policy
@@ -80,12 +81,15 @@ class RolloutEngine:
         formats: list[Format],
         device: str | torch.device = "cpu",
         compile: bool = False,
+        autocast: Autocast = "none",
     ) -> None:
         self.sampler_cfg = sampler_cfg
         self.compile = compile
         self.device = torch.device(device)
+        self.autocast: Autocast = autocast
         # On a GPU the full-precision copy *is* BF16 (Sol-RL's regeneration precision; fp32 would double
-        # the memory and halve the speed); on the CPU it stays float32, where bf16 GEMMs are slow.
+        # the memory and halve the speed). On a CPU it stays float32: bf16 products are slower than float32
+        # ones without bf16 instructions, and where they exist `autocast` runs the products in bf16.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.policy: SanaDiT = build_policy(replace(model_cfg, pretrained=None)).to(self.device, dtype).eval()
         self.policy.requires_grad_(False)  # never trained here; its copies and compiled graphs agree on it
@@ -159,17 +163,18 @@ class RolloutEngine:
         if cfg.guidance_scale != 1.0:
             ut, um = self.encode([""])
             uncond = (ut.expand_as(text), um.expand_as(mask))
-        result = sample(
-            model,
-            seeds=req.seeds,
-            text=text,
-            text_mask=mask,
-            cfg=cfg,
-            latent_shape=self.latent_shape,
-            uncond_text=uncond[0] if uncond else None,
-            uncond_mask=uncond[1] if uncond else None,
-            return_trajectory=req.return_trajectory,
-        )
+        with autocast_context(self.autocast, self.device):
+            result = sample(
+                model,
+                seeds=req.seeds,
+                text=text,
+                text_mask=mask,
+                cfg=cfg,
+                latent_shape=self.latent_shape,
+                uncond_text=uncond[0] if uncond else None,
+                uncond_mask=uncond[1] if uncond else None,
+                return_trajectory=req.return_trajectory,
+            )
         images = to_uint8(self.codec.decode(result.x0))
 
         def host(t: torch.Tensor | None) -> Any:  # records leave the actor on the CPU, in float32

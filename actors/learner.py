@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 import torch
 
@@ -35,6 +35,7 @@ from actors.records import Published, TrainBatch, WeightSnapshot
 from orchestrator.weight_channel import WeightEndpoint
 from orchestrator.weight_sync import put_snapshot
 from policy import losses as L
+from policy.autocast import Autocast, autocast_context
 from policy.lora import LoRAConfig
 from policy.parallelize import DType, OptimConfig, lr_at
 from policy.sana import ModelConfig
@@ -50,11 +51,12 @@ class LearnerConfig:
     """Compute dtype of the all-gathered parameters; the sharded masters keep the model's dtype."""
     reduce_dtype: DType = "float32"
     """Dtype of the gradient reduce-scatter."""
-    autocast: Literal["none", "bfloat16"] = "none"
+    autocast: Autocast = "none"
     """Run the policy's matrix products and convolutions in bfloat16 under torch.autocast (weights, norms,
     the loss and cross-attention's softmax stay float32). For CPU learners, whose parameters FSDP keeps in
     float32: on a CPU with AVX512-BF16 a tiny-preset pretraining step took 0.25 s against 0.41 s; on one
-    without, bfloat16 products are slower than float32 ones."""
+    without, bfloat16 products are slower than float32 ones. `auto`: bfloat16 on a CPU with bf16
+    instructions (AVX512-BF16, AMX), none elsewhere (policy/autocast.py)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
     compile: bool = False
@@ -140,7 +142,7 @@ class Learner(RankActor, WeightEndpoint):
     ) -> torch.Tensor:
         """float32 velocity [B, C, H, W] of the trained weights at noise level sigma [B]."""
         d = self.device
-        with torch.autocast(d.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bfloat16"):
+        with autocast_context(self.cfg.autocast, d):
             v = self.model(x.to(d), (sigma * 1000).to(d), text.to(d), mask.to(d))
         return v.float()
 

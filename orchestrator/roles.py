@@ -307,6 +307,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
             ).remote(
                 cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats,
                 num_threads=res.generator_threads, compile=cfg.rollout.compile,
+                autocast=cfg.rollout.autocast,
             )
             for i in range(res.generators)
         ]  # fmt: skip
@@ -317,7 +318,9 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
     if not rl or offline_dpo(cfg):
         # SFT, pretraining and offline DPO encode dataset images and captions here (SFT and
         # pretraining, which start no generators, also sample their evaluation here).
-        engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"])
+        engine = RolloutEngine(
+            cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"], autocast=cfg.rollout.autocast
+        )
 
     return Roles(
         cfg=cfg,

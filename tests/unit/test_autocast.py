@@ -1,9 +1,11 @@
-"""learner.autocast: the policy's products in bfloat16 under torch.autocast on a CPU, cross-attention's
-softmax kept in float32, float32 weights and losses that track a float32 learner's."""
+"""learner.autocast and rollout.autocast: the policy's products in bfloat16 under torch.autocast on a CPU,
+cross-attention's softmax kept in float32, float32 weights and losses that track a float32 learner's,
+rollouts whose sampler state stays float32; `auto` follows the CPU's bf16 instructions."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,5 +96,79 @@ def test_autocast_learner_tracks_the_float32_learner() -> None:
 
 def test_recipe_names_the_field_for_an_unknown_autocast_dtype() -> None:
     assert load_recipe(RECIPES / "tiny.yaml", ["learner.autocast=bfloat16"]).learner.autocast == "bfloat16"
-    with pytest.raises(ConfigError, match=r"learner\.autocast: expected one of 'none' \| 'bfloat16'"):
+    with pytest.raises(
+        ConfigError, match=r"learner\.autocast: expected one of 'none' \| 'bfloat16' \| 'auto'"
+    ):
         load_recipe(RECIPES / "tiny.yaml", ["learner.autocast=bf16"])
+    cfg = load_recipe(RECIPES / "tiny.yaml", ["rollout.autocast=auto", "learner.autocast=auto"])
+    assert (cfg.rollout.autocast, cfg.learner.autocast) == ("auto", "auto")
+    with pytest.raises(ConfigError, match=r"rollout\.autocast: expected one of"):
+        load_recipe(RECIPES / "tiny.yaml", ["rollout.autocast=fp16"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_the_cpus_bf16_instructions(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    from policy import autocast
+
+    monkeypatch.setattr(autocast, "cpu_has_native_bf16", lambda: native)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast.resolve("auto", cpu) is native
+    assert autocast.resolve("auto", gpu) is False  # GPUs take their precision from the parameters
+    assert autocast.resolve("bfloat16", cpu) and autocast.resolve("bfloat16", gpu)
+    assert not autocast.resolve("none", cpu)
+    with autocast.autocast_context("auto", cpu):
+        assert torch.is_autocast_enabled("cpu") is native
+    with pytest.raises(ValueError, match="autocast: 'fp16' is not one of"):
+        autocast.resolve("fp16", cpu)  # type: ignore[arg-type]
+
+
+def test_native_bf16_probe_reads_torchs_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from policy import autocast
+
+    for avx512_bf16, amx, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        autocast.cpu_has_native_bf16.cache_clear()
+        assert autocast.cpu_has_native_bf16() is expected
+    autocast.cpu_has_native_bf16.cache_clear()
+
+
+def test_bf16_rollouts_keep_float32_records_and_track_float32_ones() -> None:
+    from actors.generator import GenerateRequest, RolloutEngine
+    from actors.records import WeightSnapshot
+    from kernels.quantize import QuantConfig
+    from policy.codecs import CodecConfig
+    from policy.flow import SamplerConfig
+
+    model_cfg = ModelConfig(preset="tiny", overrides={"depth": 2, "patch_size": 2})
+    torch.manual_seed(0)
+    policy = build_policy(model_cfg)
+    with torch.no_grad():
+        for p in policy.parameters():  # out of the zero-initialised heads, so samples depend on the weights
+            p.add_(torch.randn_like(p) * 0.05)
+    latents: dict[str, torch.Tensor] = {}
+    for mode in ("none", "bfloat16"):
+        engine = RolloutEngine(
+            model_cfg, CodecConfig(text_encoder="random", image_size=16), SamplerConfig(steps=4),
+            QuantConfig(fmt="nvfp4", min_dim=0), ["bf16", "nvfp4"], autocast=mode,  # type: ignore[arg-type]
+        )  # fmt: skip
+        engine.load_weights(WeightSnapshot(policy_version=3, state=policy.state_dict()))
+        products: list[torch.dtype] = []
+        engine.policy.blocks[0].attn.qkv.register_forward_hook(
+            lambda m, i, o, seen=products: seen.append(o.dtype)
+        )
+        req = GenerateRequest(
+            prompts=["a red circle", "two blue squares"], seeds=[3, 4], group_ids=[0, 1], steps=4,
+            precision="bf16", expect_version=3, return_trajectory=True,
+        )  # fmt: skip
+        out = engine.generate(req)
+        assert set(products) == {torch.bfloat16 if mode == "bfloat16" else torch.float32}
+        assert out.log_probs is not None and out.trajectory is not None
+        # the sampler's state and the records stay float32
+        assert out.latents.dtype == out.log_probs.dtype == out.trajectory.dtype == torch.float32
+        assert torch.isfinite(out.latents).all() and out.policy_version == 3
+        latents[mode] = out.latents
+        preview = engine.generate(replace(req, precision="nvfp4"))  # the emulated NVFP4 copy under autocast
+        assert torch.isfinite(preview.latents).all()
+    assert not torch.equal(latents["bfloat16"], latents["none"])
+    torch.testing.assert_close(latents["bfloat16"], latents["none"], rtol=0.05, atol=0.05)
