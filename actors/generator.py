@@ -52,6 +52,9 @@ class GenerateRequest:
     return_trajectory: bool = False
     noise_level: float | None = None
     """Overrides the sampler's SDE noise level (GRPO rollouts); None keeps the recipe's."""
+    evaluation: bool = False
+    """An evaluation sample: computed without `rollout.autocast` (float32 products on a CPU), so that
+    before/after are measured alike whichever CPU and setting trained."""
 
 
 class _BatchDynamic(torch.nn.Module):
@@ -163,7 +166,7 @@ class RolloutEngine:
         if cfg.guidance_scale != 1.0:
             ut, um = self.encode([""])
             uncond = (ut.expand_as(text), um.expand_as(mask))
-        with autocast_context(self.autocast, self.device):
+        with autocast_context("none" if req.evaluation else self.autocast, self.device):
             result = sample(
                 model,
                 seeds=req.seeds,

@@ -86,10 +86,11 @@ class RolloutConfig:
     """torch.compile each rollout copy on its first use (compiled once per precision and image size, the
     batch size dynamic; synced weights are read in place). On an H200 the 1.6B rollout ran 1.4x (BF16) and 1.5x (FP8) eager BF16."""
     autocast: Autocast = "none"
-    """CPU rollouts (and the evaluations that pretraining and SFT sample in-process): the policy's products
-    in bf16 under torch.autocast, the sampler's state and attention's softmax in float32. `auto`: bf16 on a
-    CPU with bf16 instructions (AVX512-BF16, AMX), where 20-step evaluation sampling ran 1.8x; none
-    elsewhere (policy/autocast.py). The emulated NVFP4/FP8 preview gains little: its time is rounding."""
+    """CPU training rollouts: the policy's products in bf16 under torch.autocast, the sampler's state and
+    attention's softmax in float32. `auto`: bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX), where
+    regeneration ran 1.3x and 20-step sampling 1.8x; none elsewhere (policy/autocast.py). The emulated
+    NVFP4/FP8 preview gains little (its time is the rounding). Evaluations always sample without it, so
+    before/after are measured alike on every CPU."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     """Best-sample replay beside NFT (orchestrator/replay.py); off unless `replay.weight` > 0."""
 

@@ -203,13 +203,16 @@ class Roles:
             self.local_engine.load_weights(ray.get(published.ref))
 
     def sample_eval(self, prompts: list[str], seeds: list[int], groups: list[int], *, steps: int) -> Rollouts:
-        """Deterministic ODE samples from the full-precision policy (fixed prompts and seeds)."""
+        """Deterministic ODE samples from the full-precision policy (fixed prompts and seeds), computed
+        without rollout.autocast."""
         if self.pool is not None:
-            return self.pool.generate(prompts, seeds, groups, steps=steps, precision="bf16", noise_level=0.0)
+            return self.pool.generate(
+                prompts, seeds, groups, steps=steps, precision="bf16", noise_level=0.0, evaluation=True
+            )
         assert self.local_engine is not None
         req = GenerateRequest(
             prompts=prompts, seeds=seeds, group_ids=groups, steps=steps, precision="bf16",
-            expect_version=self.local_engine.version, noise_level=0.0,
+            expect_version=self.local_engine.version, noise_level=0.0, evaluation=True,
         )  # fmt: skip
         return self.local_engine.generate(req)
 
@@ -318,9 +321,7 @@ def start_roles(cfg: RunConfig, run_dir: Path) -> Roles:
     if not rl or offline_dpo(cfg):
         # SFT, pretraining and offline DPO encode dataset images and captions here (SFT and
         # pretraining, which start no generators, also sample their evaluation here).
-        engine = RolloutEngine(
-            cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"], autocast=cfg.rollout.autocast
-        )
+        engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"])
 
     return Roles(
         cfg=cfg,

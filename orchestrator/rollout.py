@@ -94,11 +94,14 @@ class GeneratorPool:
         precision: Format,
         return_trajectory: bool = False,
         noise_level: float | None = None,
+        evaluation: bool = False,
     ) -> Rollouts:
         """Samples for every (prompt, seed); whole groups go to one replica so no group mixes versions.
         Holds the pool lock throughout, so a weight sync waits for the groups in flight."""
         with self.lock:
-            return self._generate(prompts, seeds, group_ids, steps, precision, return_trajectory, noise_level)
+            return self._generate(
+                prompts, seeds, group_ids, steps, precision, return_trajectory, noise_level, evaluation
+            )
 
     def _generate(
         self,
@@ -109,6 +112,7 @@ class GeneratorPool:
         precision: Format,
         return_trajectory: bool,
         noise_level: float | None,
+        evaluation: bool,
     ) -> Rollouts:
         t0 = time.perf_counter()
         groups = sorted(set(group_ids))
@@ -128,6 +132,7 @@ class GeneratorPool:
                     expect_version=self.version,
                     return_trajectory=return_trajectory,
                     noise_level=noise_level,
+                    evaluation=evaluation,
                 )
                 requests.append((replica, req, len(shard)))
         pending = {r: self.handles[r].generate.remote(req) for r, req, _ in requests}

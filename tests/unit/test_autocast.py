@@ -1,6 +1,7 @@
 """learner.autocast and rollout.autocast: the policy's products in bfloat16 under torch.autocast on a CPU,
 cross-attention's softmax kept in float32, float32 weights and losses that track a float32 learner's,
-rollouts whose sampler state stays float32; `auto` follows the CPU's bf16 instructions."""
+rollouts whose sampler state stays float32 and evaluations that ignore it; `auto` follows the CPU's bf16
+instructions."""
 
 from __future__ import annotations
 
@@ -170,5 +171,10 @@ def test_bf16_rollouts_keep_float32_records_and_track_float32_ones() -> None:
         latents[mode] = out.latents
         preview = engine.generate(replace(req, precision="nvfp4"))  # the emulated NVFP4 copy under autocast
         assert torch.isfinite(preview.latents).all()
+        products.clear()  # evaluations sample without rollout.autocast, so every CPU measures alike
+        latents[f"{mode} eval"] = engine.generate(replace(req, evaluation=True)).latents
+        assert set(products) == {torch.float32}
+    assert torch.equal(latents["bfloat16 eval"], latents["none eval"])
+    assert torch.equal(latents["none eval"], latents["none"])
     assert not torch.equal(latents["bfloat16"], latents["none"])
     torch.testing.assert_close(latents["bfloat16"], latents["none"], rtol=0.05, atol=0.05)
