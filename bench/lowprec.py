@@ -1,4 +1,5 @@
-"""Low-precision rollout copies against BF16, per format: GEMMs, DiT forward, rollout, bytes, re-quantization.
+"""Low-precision rollout copies against BF16, per format: GEMMs, DiT forward, rollout, bytes, re-quantization;
+on a CPU also the bf16-autocast rollout (`rollout.autocast`) against float32 products.
 
     sana-rl bench lowprec --quick     # CPU: emulated formats, small token counts, tiny DiT (< 60 s)
     sana-rl bench lowprec             # GPU: Sana layer shapes at 1024 tokens, the 1.6B DiT
@@ -132,6 +133,18 @@ def _dit_rows(device: torch.device, quick: bool) -> list[Row]:
         rows.append(row)
         t_q, t_b = _pair(quick, timed(device, roll, qmodel), timed(device, roll, base))
         rows.append(_rollout_row(fmt, device, batch, t_q, t_b, f"{where}, {steps} steps"))
+    if device.type == "cpu":
+        # rollout.autocast: the same float32 copy with its products in bf16 (what `auto` picks on a CPU with
+        # bf16 instructions); on one without them the ratio falls below 1.
+        def roll_bf16(m: nn.Module) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                roll(m)
+
+        t_a, t_b = _pair(quick, timed(device, roll_bf16, base), timed(device, roll, base))
+        row = speed_row(SUITE, "rollout bf16 autocast (CPU)", t_a, t_b, baseline_name="bf16", target=None)
+        row.metric, row.value, row.baseline = "images/s", batch / t_a.median_s, batch / t_b.median_s
+        row.note = f"CPU bf16 products (rollout.autocast); {where}, {steps} steps"
+        rows.append(row)
     if device.type == "cuda" and not quick:
         rows += _compiled_rows(model, qcfg, base, where, steps, (x, t, text, mask), roll)
     return rows

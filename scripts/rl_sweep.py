@@ -113,14 +113,8 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
     learner.setup(cfg.model, cfg.learner, cfg.loss, seed=cfg.run.seed)
     formats = sorted({ro.preview_precision, ro.final_precision, "bf16"})
     engine = RolloutEngine(
-        cfg.model,
-        cfg.codec,
-        cfg.sampler,
-        cfg.quant,
-        formats,
-        device=learner.device,
-        autocast=cfg.rollout.autocast,
-    )
+        cfg.model, cfg.codec, cfg.sampler, cfg.quant, formats, device=learner.device, autocast=cfg.rollout.autocast
+    )  # fmt: skip
     spec = cfg.rewards[0]
     scorer = make_scorer(spec.scorer, **spec.scorer_kwargs)
     head = scorer.info().heads[0]
@@ -138,11 +132,17 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
         engine.load_weights(snap)
 
     def generate(
-        prompts: list[str], seeds: list[int], groups: list[int], steps: int, precision: Any, noise: Any = None
+        prompts: list[str],
+        seeds: list[int],
+        groups: list[int],
+        steps: int,
+        precision: Any,
+        noise: Any = None,
+        evaluation: bool = False,
     ) -> Rollouts:
         req = GenerateRequest(
             prompts=prompts, seeds=seeds, group_ids=groups, steps=steps, precision=precision,
-            expect_version=engine.version, noise_level=noise,
+            expect_version=engine.version, noise_level=noise, evaluation=evaluation,
         )  # fmt: skip
         return engine.generate(req)
 
@@ -166,20 +166,13 @@ def run_one(a: argparse.Namespace) -> dict[str, Any]:
                 return evaluate(per_prompt=per_prompt)
             finally:
                 engine.sampler_cfg = sampler
-        if a.eval_autocast != "recipe" and engine.autocast != a.eval_autocast:  # these evaluations only
-            rollouts = engine.autocast
-            engine.autocast = a.eval_autocast
-            try:
-                return evaluate(guidance, per_prompt)
-            finally:
-                engine.autocast = rollouts
         flat = [p for p in eval_prompts for _ in range(per_prompt)]
         seeds = [ev.seed + i for i in range(len(flat))]  # as `sana-rl eval --seeds-per-prompt` draws them
         groups = [i // per_prompt for i in range(len(flat))]
         parts: dict[str, list[np.ndarray]] = {}
         for lo in range(0, len(flat), 256):
             sl = slice(lo, lo + 256)
-            roll = generate(flat[sl], seeds[sl], groups[sl], ev.steps, "bf16", 0.0)
+            roll = generate(flat[sl], seeds[sl], groups[sl], ev.steps, "bf16", 0.0, evaluation=True)
             b = scorer.score(roll.images, roll.prompts)
             for k, v in {**b.scores, **b.extras}.items():
                 parts.setdefault(k, []).append(np.asarray(v, dtype=np.float64))
@@ -275,15 +268,7 @@ def pretrain(a: argparse.Namespace) -> Path:
     learner = Learner(rank=0, world_size=1, num_threads=a.threads)
     learner.init_distributed(*learner.open_rendezvous(), timeout_s=120)
     learner.setup(cfg.model, cfg.learner, cfg.loss, seed=cfg.run.seed)
-    engine = RolloutEngine(
-        cfg.model,
-        cfg.codec,
-        cfg.sampler,
-        cfg.quant,
-        ["bf16"],
-        device=learner.device,
-        autocast=cfg.rollout.autocast,
-    )
+    engine = RolloutEngine(cfg.model, cfg.codec, cfg.sampler, cfg.quant, ["bf16"], device=learner.device)
     data = DataFeed(cfg)
     rng = torch.Generator().manual_seed(cfg.run.seed)
     for _ in range(cfg.run.steps):
@@ -345,10 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument(
         "--also-eval-seeds", default="", help="also evaluate at these seeds per prompt (comma-separated)"
     )
-    one.add_argument(
-        "--eval-autocast", default="recipe", choices=["recipe", "none", "bfloat16", "auto"],
-        help="evaluation sampling's rollout.autocast (none: float32, comparable across rollout settings)",
-    )  # fmt: skip
     one.add_argument("--eval-at", default="", help="comma-separated steps to evaluate at on the way")
     one.add_argument("--threads", type=int, default=2)
     one.add_argument("--emb-cache", default=None, help="codec.embedding_cache (no text encoder needed)")

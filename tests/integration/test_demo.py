@@ -128,13 +128,14 @@ def test_short_demo_writes_every_artefact(
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 7-12 minutes on 2 AVX-512 cores (15-18 on 2-core AVX2 machines)
 def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make demo` as shipped (run by CI through `make test-slow`). Over RL seeds 0-4 on a 2-core AVX-512
-    EPYC, from the same pretraining, the composition score rose by 0.084 / 0.095 / 0.080 / 0.076 / 0.095
-    on the recipe's 192 samples (its standard error is about 0.015), colour accuracy by 0.122 / 0.081 /
-    0.097 / 0.091 / 0.087 and shape accuracy by 0.133 / 0.136 / 0.135 / 0.140 / 0.142 (NFT with replay of
-    exact compositions and three further replay updates a step). The bars (DEMO_MIN_GAIN,
-    DEMO_MIN_COLOUR_GAIN, DEMO_MIN_SHAPE_GAIN) sit well under the smallest of the five, since another
-    CPU's floating-point path behaves like another seed."""
+    """`make demo` as shipped (run by CI through `make test-slow`). On a 2-core EPYC with AVX512-BF16 (whose
+    RL stage computes in bf16 under `autocast: auto`), from the same 700-step pretraining, the recipe's 192
+    samples rose by 0.054 / 0.063 / 0.081 / 0.054 in composition score (RL seeds 0 / 2 / 3 / 4; its
+    standard error is about 0.015), 0.123 / 0.086 / 0.103 / 0.091 in colour accuracy and 0.084 / 0.098 /
+    0.111 / 0.098 in shape accuracy; with the RL stage in float32 (CPUs without bf16 instructions) seeds 0 / 1
+    gave 0.073 / 0.077, 0.119 / 0.096 and 0.135 / 0.117. The bars (DEMO_MIN_GAIN, DEMO_MIN_COLOUR_GAIN,
+    DEMO_MIN_SHAPE_GAIN) sit under the smallest of these, since another CPU's floating-point path behaves
+    like another seed."""
     monkeypatch.chdir(tmp_path)
     from orchestrator.cli import main
 
@@ -145,5 +146,5 @@ def test_full_demo_raises_composition(tmp_path: Path, monkeypatch: pytest.Monkey
     colour_gain = after["composition/colour"] - before["composition/colour"]
     shape_gain = after["composition/shape"] - before["composition/shape"]
     assert colour_gain >= float(os.environ.get("DEMO_MIN_COLOUR_GAIN", "0.04")), (before, after)
-    assert shape_gain >= float(os.environ.get("DEMO_MIN_SHAPE_GAIN", "0.08")), (before, after)
+    assert shape_gain >= float(os.environ.get("DEMO_MIN_SHAPE_GAIN", "0.06")), (before, after)
     assert gain >= float(os.environ.get("DEMO_MIN_GAIN", "0.04")), (before, after)
