@@ -88,7 +88,7 @@ class RolloutConfig:
     autocast: Autocast = "none"
     """CPU training rollouts: the policy's products in bf16 under torch.autocast, the sampler's state and
     attention's softmax in float32. `auto`: bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX), where
-    regeneration ran 1.3x and 20-step sampling 1.8x; none elsewhere (policy/autocast.py). The emulated
+    regeneration ran 1.1-1.3x and 20-step sampling 1.8x; none elsewhere (policy/autocast.py). The emulated
     NVFP4/FP8 preview gains little (its time is the rounding). Evaluations always sample without it, so
     before/after are measured alike on every CPU."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
