@@ -141,10 +141,8 @@ def _dit_rows(device: torch.device, quick: bool) -> list[Row]:
                 roll(m)
 
         t_a, t_b = _pair(quick, timed(device, roll_bf16, base), timed(device, roll, base))
-        row = speed_row(SUITE, "rollout bf16 autocast (CPU)", t_a, t_b, baseline_name="bf16", target=None)
-        row.metric, row.value, row.baseline = "images/s", batch / t_a.median_s, batch / t_b.median_s
-        row.note = f"CPU bf16 products (rollout.autocast); {where}, {steps} steps"
-        rows.append(row)
+        note = f"CPU bf16 products (rollout.autocast); {where}, {steps} steps"
+        rows.append(_rollout_row("bf16 autocast (CPU)", device, batch, t_a, t_b, note))
     if device.type == "cuda" and not quick:
         rows += _compiled_rows(model, qcfg, base, where, steps, (x, t, text, mask), roll)
     return rows

@@ -14,35 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Autocast = Literal["none", "bfloat16", "auto"]
-AUTOCAST_CHOICES: tuple[str, ...] = ("none", "bfloat16", "auto")
-
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None and amx is not None:
-        return bool(probe()) or bool(amx())
-    try:  # older torch: the kernel's own view of the flags
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(f in flags for f in _BF16_FLAGS)
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16, or AMX tiles), as torch probes it."""
+    return bool(torch.cpu._is_avx512_bf16_supported()) or bool(torch.cpu._is_amx_tile_supported())
 
 
 def resolve(setting: Autocast, device: torch.device) -> bool:
     """Whether `setting` turns bf16 autocast on for computation on `device`."""
-    if setting not in AUTOCAST_CHOICES:
-        raise ValueError(f"autocast: {setting!r} is not one of {', '.join(AUTOCAST_CHOICES)}")
+    if setting not in get_args(Autocast):
+        raise ValueError(f"autocast: {setting!r} is not one of {', '.join(get_args(Autocast))}")
     if setting == "auto":
         return device.type == "cpu" and cpu_has_native_bf16()
     return setting == "bfloat16"
